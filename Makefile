@@ -1,0 +1,30 @@
+# ambient: two commands for a newcomer, `make demo` and `make test`.
+# Both run scripts/bootstrap.sh first, which installs whatever is missing (idempotent).
+PY := .venv/bin/python
+PROTOS := $(shell find ambient/api -name '*.proto' 2>/dev/null)
+
+.PHONY: bootstrap demo test proto lint down clean
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+demo: bootstrap
+	$(PY) -m ambient.cli demo
+
+down: bootstrap
+	$(PY) -m ambient.cli down
+
+test: bootstrap
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Regenerate the Python modules for our .proto files (committed; tests/unit/test_proto_gen.py
+# checks that the committed output matches the sources).
+proto: bootstrap
+	$(PY) -m ambient.api.generate
+
+lint: bootstrap
+	$(PY) -m ruff check .
+	$(PY) -m mypy ambient ztunnel
+
+clean:
+	rm -rf .venv build *.egg-info

@@ -1,0 +1,1 @@
+"""bpf: eBPF capture programs and their bcc loader. Not built yet (issue 3); placeholder."""
