@@ -1,0 +1,1 @@
+"""Minimal Envoy xDS protobuf definitions (`envoy.*` proto packages)."""

@@ -1,0 +1,1 @@
+"""Envoy configuration types (`envoy.config`)."""

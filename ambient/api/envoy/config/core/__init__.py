@@ -1,0 +1,1 @@
+"""Envoy core configuration types (`envoy.config.core`)."""

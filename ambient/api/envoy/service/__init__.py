@@ -1,0 +1,1 @@
+"""Envoy gRPC services (`envoy.service`)."""

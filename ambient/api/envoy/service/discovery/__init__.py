@@ -1,0 +1,1 @@
+"""Envoy discovery services (`envoy.service.discovery`)."""

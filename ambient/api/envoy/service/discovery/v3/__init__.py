@@ -1,0 +1,1 @@
+"""Delta xDS messages and the ADS service (`envoy.service.discovery.v3`)."""

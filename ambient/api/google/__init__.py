@@ -1,0 +1,1 @@
+"""Minimal Google API protobuf definitions (`google.*` proto packages)."""

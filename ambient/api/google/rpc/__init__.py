@@ -1,0 +1,1 @@
+"""RPC status (proto package `google.rpc`)."""

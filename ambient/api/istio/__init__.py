@@ -1,0 +1,1 @@
+"""Protobuf definitions in Istio's `istio.*` proto packages."""

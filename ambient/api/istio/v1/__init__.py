@@ -1,0 +1,1 @@
+"""Istio v1 APIs (proto package `istio.v1`)."""

@@ -1,0 +1,1 @@
+"""Certificate signing service (proto package `istio.v1.auth`)."""

@@ -1,0 +1,1 @@
+"""Workload discovery resources (proto package `istio.workload`)."""

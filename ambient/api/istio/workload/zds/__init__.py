@@ -1,0 +1,1 @@
+"""ZDS messages between the CNI agent and the node proxy (`istio.workload.zds`)."""
