@@ -1,0 +1,263 @@
+"""The pod application of the local cluster, and probes that run *from* a pod.
+
+Server (``python -m ambient.cluster.echo serve --tcp 8080 --http 8081 --name <pod>``):
+- TCP: on connect send one line ``hello from <name>; you are <peer ip>:<port>``, then echo
+  everything until EOF and half-close back.
+- HTTP/1.1: any GET returns 200 with JSON ``{"pod", "client", "path"}`` (keep-alive honoured).
+
+Client API (for the harness and tests): ``tcp_probe`` / ``http_get`` open their socket inside
+the pod netns with ``ambient.netns.socket_in_netns``, so the connection originates in that pod
+and goes through the pod's capture rules.  Every step has a bounded timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+from ambient.netns import NetnsRef, netns_path, socket_in_netns
+
+GREETING_RE = re.compile(r"^hello from (?P<name>\S+); you are (?P<ip>[^ ]+):(?P<port>\d+)$")
+_MAX_HEADER = 64 * 1024
+
+
+# ---------------------------------------------------------------------------------- server
+
+
+async def _handle_tcp(name: str, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+    peer = writer.get_extra_info("peername") or ("?", 0)
+    try:
+        writer.write(f"hello from {name}; you are {peer[0]}:{peer[1]}\n".encode())
+        await writer.drain()
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _handle_http(name: str, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+    peer = writer.get_extra_info("peername") or ("?", 0)
+    try:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                return
+            lines = head.decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ")
+            if len(parts) != 3:
+                writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n"
+                             b"connection: close\r\n\r\n")
+                await writer.drain()
+                return
+            method, path, version = parts
+            headers = {}
+            for line in lines[1:]:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    headers[k.strip().lower()] = v.strip()
+            length = int(headers.get("content-length", "0") or 0)
+            if length:
+                await reader.readexactly(length)
+            close = (headers.get("connection", "").lower() == "close"
+                     or version == "HTTP/1.0")
+            if method in ("GET", "HEAD"):
+                status = "200 OK"
+                body = json.dumps({"pod": name, "client": peer[0], "path": path}).encode()
+            else:
+                status = "405 Method Not Allowed"
+                body = b""
+            writer.write(
+                f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nx-pod: {name}\r\n"
+                f"connection: {'close' if close else 'keep-alive'}\r\n\r\n".encode()
+                + (body if method != "HEAD" else b""))
+            await writer.drain()
+            if close:
+                return
+    except (ConnectionError, OSError, asyncio.IncompleteReadError, ValueError):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve(name: str, tcp_port: int | None, http_port: int | None,
+                host: str = "0.0.0.0") -> None:
+    servers = []
+    if tcp_port:
+        servers.append(await asyncio.start_server(
+            lambda r, w: _handle_tcp(name, r, w), host, tcp_port, reuse_address=True))
+    if http_port:
+        servers.append(await asyncio.start_server(
+            lambda r, w: _handle_http(name, r, w), host, http_port, reuse_address=True,
+            limit=_MAX_HEADER))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"echo {name}: listening tcp={tcp_port} http={http_port}", flush=True)
+    await stop.wait()
+    for s in servers:
+        s.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ambient.cluster.echo")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("serve", help="run the echo application")
+    sp.add_argument("--tcp", type=int, default=8080)
+    sp.add_argument("--http", type=int, default=8081)
+    sp.add_argument("--name", default=os.uname().nodename)
+    sp.add_argument("--host", default="0.0.0.0")
+    args = ap.parse_args(argv)
+    asyncio.run(serve(args.name, args.tcp, args.http, args.host))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- client
+
+
+@dataclass
+class ProbeResult:
+    ok: bool
+    greeting: str = ""
+    echoed: bytes = b""
+    error: str = ""
+
+    @property
+    def server_name(self) -> str | None:
+        m = GREETING_RE.match(self.greeting)
+        return m["name"] if m else None
+
+    @property
+    def seen_client(self) -> tuple[str, int] | None:
+        """The (ip, port) the server saw as its peer, from the greeting."""
+        m = GREETING_RE.match(self.greeting)
+        return (m["ip"], int(m["port"])) if m else None
+
+
+def _connect(netns: NetnsRef, host: str, port: int, timeout: float,
+             mark: int | None) -> socket.socket:
+    target = netns if isinstance(netns, int) else netns_path(netns)
+    s = socket_in_netns(target, socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if mark is not None:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        s.settimeout(timeout)
+        s.connect((host, port))
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+def _read_line(s: socket.socket, deadline: float, limit: int = 4096) -> tuple[str, bytes]:
+    buf = b""
+    while b"\n" not in buf and len(buf) < limit:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    line, _, rest = buf.partition(b"\n")
+    return line.decode(errors="replace"), rest
+
+
+def tcp_probe(netns: NetnsRef, host: str, port: int, payload: bytes = b"ping\n",
+              timeout: float = 5.0, mark: int | None = None) -> ProbeResult:
+    """Connect from inside ``netns`` to the echo server, check greeting and echo.
+
+    ``netns`` is an ``ip netns`` name, a path or an fd; ``mark`` sets SO_MARK on the socket.
+    Never raises for network errors: they are reported in ``ProbeResult.error``.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        s = _connect(netns, host, port, timeout, mark)
+    except OSError as exc:
+        return ProbeResult(False, error=f"connect {host}:{port}: {exc!r}")
+    with s:
+        try:
+            greeting, rest = _read_line(s, deadline)
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            echoed = rest
+            while len(echoed) <= len(payload) + 65536:  # until EOF, bounded
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                echoed += chunk
+        except OSError as exc:
+            return ProbeResult(False, error=f"{host}:{port}: {exc!r}")
+    ok = bool(GREETING_RE.match(greeting)) and echoed == payload
+    err = "" if ok else f"unexpected reply: greeting={greeting!r} echoed={echoed!r}"
+    return ProbeResult(ok, greeting, echoed, err)
+
+
+def http_get(netns: NetnsRef, host: str, port: int, path: str = "/",
+             timeout: float = 5.0, mark: int | None = None) -> tuple[int, dict[str, object]]:
+    """GET ``path`` from inside ``netns``; returns (status, parsed JSON body or {}).
+
+    Raises OSError on network errors and TimeoutError past ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    with _connect(netns, host, port, timeout, mark) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nhost: {host}:{port}\r\nconnection: close\r\n\r\n"
+                  .encode())
+        buf = b""
+        while True:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    parts = status_line.split(" ")
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise OSError(f"bad HTTP response from {host}:{port}: {status_line!r}")
+    try:
+        data = json.loads(body) if body else {}
+    except ValueError:
+        data = {"raw": body.decode(errors="replace")}
+    return int(parts[1]), data
+
+
+def wait_listening(pid: int, port: int, timeout: float = 10.0) -> bool:
+    """Wait until process ``pid``'s netns has a TCP listener on ``port`` (reads
+    ``/proc/<pid>/net/tcp``; sends no traffic).  Returns False on timeout or if pid dies."""
+    deadline = time.monotonic() + timeout
+    want = f":{port:04X}"
+    while time.monotonic() < deadline:
+        for fname in ("tcp", "tcp6"):
+            try:
+                with open(f"/proc/{pid}/net/{fname}") as f:
+                    next(f, None)
+                    for line in f:
+                        cols = line.split()
+                        if len(cols) > 3 and cols[1].endswith(want) and cols[3] == "0A":
+                            return True
+            except (FileNotFoundError, ProcessLookupError):
+                return False
+        time.sleep(0.02)
+    return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
