@@ -1,0 +1,53 @@
+"""``ambientctl``: the operator CLI.
+
+This release has the local-cluster verbs (``demo``, ``down``) and ``version``; the
+Kubernetes operator verbs arrive with the install issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ambient import __version__
+
+DEFAULT_MANIFESTS = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
+DEFAULT_RUN_DIR = Path("/run/ambient")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ambientctl", description="ambient service mesh CLI")
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="build the local mesh and show it working")
+    demo.add_argument("-f", "--manifests", type=Path, default=DEFAULT_MANIFESTS,
+                      help="Kubernetes manifests describing the cluster (default: %(default)s)")
+    demo.add_argument("--keep", action="store_true",
+                      help="leave the cluster running; remove it later with `ambientctl down`")
+    demo.add_argument("--name", default="ambdemo", help="cluster name (default: %(default)s)")
+    demo.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    down = sub.add_parser("down", help="remove a local cluster left by `demo --keep` or a crash")
+    down.add_argument("--name", default=None, help="cluster name (default: all under --run-dir)")
+    down.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"ambientctl {__version__}")
+        return 0
+    if args.command == "demo":
+        from ambient.cluster.demo import run_demo
+
+        return run_demo(args.manifests, name=args.name, run_dir=args.run_dir, keep=args.keep)
+    if args.command == "down":
+        from ambient.cluster.demo import down
+
+        return down(args.run_dir, args.name)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

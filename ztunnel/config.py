@@ -1,0 +1,183 @@
+"""ztunnel settings, read from the environment variables Istio's ztunnel uses.
+
+Only variables that apply to this implementation are read (contract c.8); each is parsed
+once at start-up into an immutable :class:`Settings`.  A malformed value is an error that
+names the variable and the expected form, never a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ambient.identity import DEFAULT_TRUST_DOMAIN
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value ztunnel cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    cluster_id: str = "Kubernetes"
+    cluster_domain: str = "cluster.local"
+    network: str = ""
+    node_name: str = ""
+    pod_name: str = "ztunnel"
+    pod_namespace: str = "istio-system"
+    # Configuration sources (exactly one must be set in this release).
+    local_xds_path: str | None = None
+    local_xds: str | None = None
+    local_manifests_path: str | None = None
+    # Certificates: FAKE_CA / local mode signs with a CA directory on disk.
+    fake_ca: bool = False
+    ca_dir: str | None = None
+    secret_ttl_s: float = 24 * 3600
+    # In-pod mode.
+    inpod_pods_path: str | None = None
+    packet_mark: int = 1337
+    inpod_port_reuse: bool = True
+    enable_orig_src: bool = True
+    # Ports (own netns).
+    admin_addr: tuple[str, int] = ("127.0.0.1", 15000)
+    stats_addr: tuple[str, int] = ("0.0.0.0", 15020)
+    readiness_addr: tuple[str, int] = ("0.0.0.0", 15021)
+    # Transport tuning.
+    pool_max_streams: int = 100
+    pool_unused_release_s: float = 300.0
+    connect_timeout_s: float = 10.0
+    # Lifecycle and logging.
+    termination_deadline_s: float = 5.0
+    log_level: str = "info"
+    log_format: str = "plain"
+    root_namespace: str = "istio-system"
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r}: expected true or false")
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = _parse_duration(raw)
+    except ValueError:
+        raise SettingsError(
+            f"{name}={raw!r}: expected a number of seconds or a duration like 30s, 5m, 1h"
+        ) from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r}: must be at least {minimum}")
+    return value
+
+
+def _parse_duration(raw: str) -> float:
+    raw = raw.strip()
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for suffix in ("ms", "s", "m", "h"):
+        if raw.endswith(suffix) and raw[: -len(suffix)].replace(".", "", 1).isdigit():
+            return float(raw[: -len(suffix)]) * units[suffix]
+    return float(raw)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw, 0)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r}: must be at least {minimum}")
+    return value
+
+
+def _addr(env: Mapping[str, str], name: str, default: tuple[str, int]) -> tuple[str, int]:
+    raw = env.get(name)
+    if not raw:
+        return default
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"{name}={raw!r}: expected host:port, for example 127.0.0.1:15000")
+    return (host.strip("[]") or default[0], int(port))
+
+
+def termination_deadline(env: Mapping[str, str]) -> float:
+    """CONNECTION_TERMINATION_DEADLINE, else TERMINATION_GRACE_PERIOD_SECONDS minus a margin."""
+    if env.get("CONNECTION_TERMINATION_DEADLINE"):
+        return _number(env, "CONNECTION_TERMINATION_DEADLINE", 5.0)
+    if env.get("TERMINATION_GRACE_PERIOD_SECONDS"):
+        grace = _number(env, "TERMINATION_GRACE_PERIOD_SECONDS", 30.0)
+        return max(0.0, grace - (1.0 if grace <= 10 else 5.0))
+    return 5.0
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from ``env`` (default ``os.environ``)."""
+    env = os.environ if env is None else env
+    local_xds_path = env.get("LOCAL_XDS_PATH") or None
+    local_xds = env.get("LOCAL_XDS") or None
+    manifests = env.get("LOCAL_MANIFESTS_PATH") or None
+    sources = [n for n, v in (("LOCAL_XDS_PATH", local_xds_path), ("LOCAL_XDS", local_xds),
+                              ("LOCAL_MANIFESTS_PATH", manifests)) if v]
+    if len(sources) > 1:
+        raise SettingsError(f"{' and '.join(sources)} are mutually exclusive: set only one")
+    if not sources and env.get("XDS_ADDRESS"):
+        raise SettingsError(
+            "XDS_ADDRESS is set but the xDS client is not built in this release; "
+            "use LOCAL_XDS_PATH or LOCAL_MANIFESTS_PATH"
+        )
+    fake_ca = _bool(env, "FAKE_CA", False)
+    ca_dir = env.get("CA_DIR") or None
+    if env.get("CA_ADDRESS") and not (fake_ca or ca_dir):
+        raise SettingsError(
+            "CA_ADDRESS is set but the CA client is not built in this release; "
+            "set FAKE_CA=true with CA_DIR=<directory holding ca-cert.pem and ca-key.pem>"
+        )
+    if fake_ca and not ca_dir:
+        raise SettingsError("FAKE_CA=true needs CA_DIR=<directory with ca-cert.pem, ca-key.pem>")
+    level = env.get("RUST_LOG") or env.get("LOG_LEVEL") or "info"
+    fmt = (env.get("LOG_FORMAT") or "plain").lower()
+    if fmt not in ("plain", "json"):
+        raise SettingsError(f"LOG_FORMAT={fmt!r}: expected plain or json")
+    return Settings(
+        trust_domain=env.get("TRUST_DOMAIN") or DEFAULT_TRUST_DOMAIN,
+        cluster_id=env.get("CLUSTER_ID") or env.get("ISTIO_META_CLUSTER_ID") or "Kubernetes",
+        cluster_domain=env.get("CLUSTER_DOMAIN") or "cluster.local",
+        network=env.get("NETWORK", ""),
+        node_name=env.get("NODE_NAME", ""),
+        pod_name=env.get("POD_NAME", "ztunnel"),
+        pod_namespace=env.get("POD_NAMESPACE", "istio-system"),
+        local_xds_path=local_xds_path,
+        local_xds=local_xds,
+        local_manifests_path=manifests,
+        fake_ca=fake_ca or bool(ca_dir),
+        ca_dir=ca_dir,
+        secret_ttl_s=_number(env, "SECRET_TTL", 24 * 3600, minimum=1),
+        inpod_pods_path=env.get("INPOD_PODS_PATH") or None,
+        packet_mark=_int(env, "PACKET_MARK", 1337, minimum=1),
+        inpod_port_reuse=_bool(env, "INPOD_PORT_REUSE", True),
+        enable_orig_src=_bool(env, "ENABLE_ORIG_SRC", True),
+        admin_addr=_addr(env, "ADMIN_ADDR", ("127.0.0.1", 15000)),
+        stats_addr=_addr(env, "STATS_ADDR", ("0.0.0.0", 15020)),
+        readiness_addr=_addr(env, "READINESS_ADDR", ("0.0.0.0", 15021)),
+        pool_max_streams=_int(env, "POOL_MAX_STREAMS_PER_CONNECTION", 100, minimum=1),
+        pool_unused_release_s=_number(env, "POOL_UNUSED_RELEASE_TIMEOUT", 300.0),
+        termination_deadline_s=termination_deadline(env),
+        log_level=level,
+        log_format=fmt,
+        root_namespace=env.get("ROOT_NAMESPACE") or "istio-system",
+    )

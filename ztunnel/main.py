@@ -1,0 +1,127 @@
+"""ztunnel's process: wires settings, store, certificates, proxy and admin, then runs.
+
+Start-up order follows ztunnel's readiness contract: ``/healthz/ready`` on 15021 turns
+ready once the configuration has loaded ("state manager") and the pods listed at start-up
+are served ("workload proxy manager").  SIGTERM/SIGINT (or ``POST /quitquitquit``) closes
+the listeners at once and gives live connections the termination deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from datetime import timedelta
+from typing import Any
+
+from ambient import __version__
+from ambient.ca import CaError, CertificateAuthority
+from ambient.certs import CertificateManager, LocalCaProvider
+from ambient.store import MeshStore
+from ztunnel.accesslog import configure_logging
+from ztunnel.admin import AdminServer, Readiness, ReadinessServer, StatsServer
+from ztunnel.config import Settings, SettingsError, from_env
+from ztunnel.metrics import Metrics
+from ztunnel.proxy import Ztunnel
+from ztunnel.result import ConnectionTracker
+from ztunnel.sources import ConfigWatcher, PodEntry, PodsWatcher
+
+log = logging.getLogger("ztunnel")
+
+
+def config_dump(zt: Ztunnel) -> dict[str, Any]:
+    dump = zt.store.dump()
+    dump["certificates"] = zt.certs.dump()
+    dump["workloadState"] = {
+        uid: {"info": {"name": p.name, "namespace": p.namespace}, "state": "Up"}
+        for uid, p in zt.pods.items()
+    }
+    dump["config"] = {k: v for k, v in dataclasses.asdict(zt.settings).items() if k != "extra"}
+    dump["version"] = __version__
+    return dump
+
+
+async def run(settings: Settings) -> int:
+    try:
+        ca = CertificateAuthority.load_dir(settings.ca_dir) if settings.ca_dir else None
+    except (CaError, OSError) as e:
+        log.error("cannot load the CA from CA_DIR=%s: %s", settings.ca_dir, e)
+        return 1
+    if ca is None:
+        log.error("no certificate source: set FAKE_CA=true and CA_DIR (the CA client "
+                  "arrives with the control plane)")
+        return 1
+    store = MeshStore(root_namespace=settings.root_namespace)
+    metrics = Metrics(version=__version__)
+    tracker = ConnectionTracker()
+    readiness = Readiness()
+    state_ready = readiness.register("state manager")
+    pods_ready = readiness.register("workload proxy manager")
+    certs = CertificateManager(LocalCaProvider(ca, timedelta(seconds=settings.secret_ttl_s)))
+    certs.start()
+    zt = Ztunnel(settings, store, certs, metrics, tracker)
+    stop = asyncio.Event()
+
+    admin = AdminServer(config_dump=lambda: config_dump(zt), shutdown=stop.set,
+                        connections=tracker)
+    stats = StatsServer(metrics)
+    ready_srv = ReadinessServer(readiness)
+    await admin.start(*settings.admin_addr)
+    await stats.start(*settings.stats_addr)
+    await ready_srv.start(*settings.readiness_addr)
+
+    watcher = ConfigWatcher(settings, store)
+    watcher.load_once()
+    if watcher.last_error is None:
+        state_ready.done()
+    tasks = [asyncio.create_task(watcher.run())]
+
+    async def add(p: PodEntry) -> None:
+        await zt.add_pod(p.uid, p.name, p.namespace, p.netns, workload_uid=p.workload_uid)
+
+    if settings.inpod_pods_path:
+        pods = PodsWatcher(settings.inpod_pods_path, add, zt.del_pod)
+        await pods.sync()
+        tasks.append(asyncio.create_task(pods.run()))
+    pods_ready.done()
+
+    async def mark_ready_later() -> None:
+        while watcher.last_error is not None:
+            await asyncio.sleep(0.5)
+        state_ready.done()
+
+    tasks.append(asyncio.create_task(mark_ready_later()))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("ztunnel %s started on node %r", __version__, settings.node_name)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.1fs", settings.termination_deadline_s)
+    for t in tasks:
+        t.cancel()
+    await zt.drain(settings.termination_deadline_s)
+    await certs.stop()
+    for srv in (admin, stats, ready_srv):
+        await srv.close()
+    return 0
+
+
+def main() -> int:
+    try:
+        settings = from_env()
+    except SettingsError as e:
+        print(f"ztunnel: bad configuration: {e}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        import uvloop
+
+        return uvloop.run(run(settings))
+    except ImportError:  # pragma: no cover
+        return asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

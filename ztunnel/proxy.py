@@ -1,0 +1,538 @@
+"""ztunnel's data path: the listeners inside each pod and the three connection handlers.
+
+For every pod it serves, ztunnel opens, *inside the pod's network namespace*:
+
+* 15001, outbound: the pod's captured connections (original destination via
+  SO_ORIGINAL_DST), routed by :func:`ztunnel.route.route_outbound` over HBONE or passed
+  through as plain TCP;
+* 15006, inbound plaintext: connections to the pod that did not come over HBONE; L4
+  policy applies with no peer identity, so PeerAuthentication STRICT denies them;
+* 15008, inbound HBONE: mutual TLS with the pod's own certificate, HTTP/2 CONNECT, L4
+  policy with the peer's SPIFFE identity, then a connection to the application that keeps
+  the client's IP as its source.
+
+Every socket ztunnel opens in a pod carries SO_MARK 1337, so the pod's capture rules skip
+it.  Each proxied connection has exactly one :class:`~ztunnel.result.ConnectionResult`,
+which writes the access-log line and the ``istio_tcp_*`` metrics.  Decisions (routing,
+authorization) are pure functions over one state snapshot taken when the connection starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ambient.authz import ConnectionInfo, evaluate
+from ambient.certs import CertificateError, CertificateManager
+from ambient.hbone.aio import HboneConnectError, Incoming, relay, serve_hbone
+from ambient.hbone.pool import HbonePool, PoolKey
+from ambient.hbone.protocol import ConnectRequest, build_request_headers
+from ambient.identity import SpiffeId
+from ambient.model import Workload
+from ambient.store import MeshState, MeshStore
+from ztunnel.config import Settings
+from ztunnel.metrics import Metrics
+from ztunnel.relay import relay_streams
+from ztunnel.result import ConnectionResult, ConnectionTracker, ResponseFlags, flag_for_error
+from ztunnel.route import Hbone, NoRoute, Passthrough, route_outbound
+from ztunnel.sockets import dial_socket, listener, original_dst
+
+log = logging.getLogger("ztunnel.proxy")
+
+OUTBOUND_PORT = 15001
+INBOUND_PLAINTEXT_PORT = 15006
+INBOUND_HBONE_PORT = 15008
+
+
+@dataclass(eq=False)
+class PodProxy:
+    """What ztunnel runs for one pod: its listeners, its HBONE pool and its live tasks."""
+
+    uid: str
+    name: str
+    namespace: str
+    netns: str | int
+    workload_uid: str | None = None
+    servers: list[asyncio.Server] = field(default_factory=list)
+    accept_task: asyncio.Task[None] | None = None
+    hbone_listener: socket.socket | None = None
+    pool: HbonePool | None = None
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _cache: tuple[int, Workload | None] = (-1, None)
+
+    def workload(self, state: MeshState) -> Workload | None:
+        """This pod's Workload in ``state`` (by uid, else by namespace/name)."""
+        if self._cache[0] == state.version:
+            return self._cache[1]
+        found = state.workload_by_uid(self.workload_uid) if self.workload_uid else None
+        if found is None:
+            for w in state.workloads.values():
+                if w.name == self.name and w.namespace == self.namespace:
+                    found = w
+                    break
+        self._cache = (state.version, found)
+        return found
+
+
+class Ztunnel:
+    """The node proxy: owns the pods it serves and handles their connections."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: MeshStore,
+        certs: CertificateManager,
+        metrics: Metrics,
+        tracker: ConnectionTracker | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.certs = certs
+        self.metrics = metrics
+        self.tracker = tracker or ConnectionTracker()
+        self.pods: dict[str, PodProxy] = {}
+        self.draining = False
+
+    # -- pod lifecycle --------------------------------------------------------------------
+
+    async def add_pod(
+        self,
+        uid: str,
+        name: str,
+        namespace: str,
+        netns: str | int,
+        *,
+        workload_uid: str | None = None,
+    ) -> PodProxy:
+        """Start serving a pod: open its three listeners inside ``netns``."""
+        if uid in self.pods:
+            await self.del_pod(uid)
+        pod = PodProxy(uid, name, namespace, netns, workload_uid)
+        mark = self.settings.packet_mark
+        reuse = self.settings.inpod_port_reuse
+        try:
+            out_sock = listener(netns, OUTBOUND_PORT, mark=mark, reuseport=reuse)
+            in_sock = listener(netns, INBOUND_PLAINTEXT_PORT, mark=mark, reuseport=reuse)
+            pod.hbone_listener = listener(netns, INBOUND_HBONE_PORT, mark=mark, reuseport=reuse)
+            pod.servers.append(
+                await asyncio.start_server(self._tracked(pod, self._outbound), sock=out_sock)
+            )
+            pod.servers.append(
+                await asyncio.start_server(self._tracked(pod, self._inbound_plain), sock=in_sock)
+            )
+        except OSError as e:
+            await self._close_pod(pod)
+            raise OSError(
+                e.errno,
+                f"cannot open ztunnel listeners in the netns of pod {namespace}/{name}: "
+                f"{e.strerror}; does ztunnel have CAP_NET_ADMIN and is the netns alive?",
+            ) from e
+        pod.pool = HbonePool(
+            self._dialer(pod),
+            self.certs.client_ctx,
+            trust_domain=self.settings.trust_domain,
+            max_streams=self.settings.pool_max_streams,
+            idle_timeout=self.settings.pool_unused_release_s,
+            connect_timeout=self.settings.connect_timeout_s,
+        )
+        pod.accept_task = asyncio.create_task(self._accept_hbone(pod))
+        self.pods[uid] = pod
+        wl = pod.workload(self.store.snapshot)
+        if wl is not None:
+            self.certs.prefetch(wl.identity())
+        self.metrics.active_proxy_count.labels().set(len(self.pods))
+        self.metrics.proxies_started.labels().inc()
+        log.info("serving pod %s/%s (uid %s)", namespace, name, uid)
+        return pod
+
+    async def del_pod(self, uid: str) -> None:
+        """Stop serving a pod at once (its network is already gone): no drain."""
+        pod = self.pods.pop(uid, None)
+        if pod is None:
+            return
+        await self._close_pod(pod, abort=True)
+        self.metrics.active_proxy_count.labels().set(len(self.pods))
+        self.metrics.proxies_stopped.labels().inc()
+        log.info("stopped serving pod %s/%s (uid %s)", pod.namespace, pod.name, uid)
+
+    async def _close_pod(self, pod: PodProxy, *, abort: bool = False) -> None:
+        self._close_listeners(pod)
+        if abort:
+            for t in list(pod.tasks):
+                t.cancel()
+            await asyncio.gather(*pod.tasks, return_exceptions=True)
+        if pod.pool is not None:
+            await pod.pool.close()
+
+    def _close_listeners(self, pod: PodProxy) -> None:
+        for srv in pod.servers:
+            srv.close()
+        if pod.accept_task is not None:
+            pod.accept_task.cancel()
+        if pod.hbone_listener is not None:
+            pod.hbone_listener.close()
+
+    async def drain(self, deadline: float) -> None:
+        """Graceful shutdown: listeners close now, live connections get ``deadline`` s."""
+        self.draining = True
+        for pod in self.pods.values():
+            self._close_listeners(pod)
+        tasks = {t for pod in self.pods.values() for t in pod.tasks}
+        if tasks:
+            log.info("draining %d connections for up to %.1fs", len(tasks), deadline)
+            _, pending = await asyncio.wait(tasks, timeout=deadline)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for uid in list(self.pods):
+            await self.del_pod(uid)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _tracked(
+        self,
+        pod: PodProxy,
+        handler: Callable[[PodProxy, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            pod.tasks.add(task)
+            try:
+                await handler(pod, reader, writer)
+            except asyncio.CancelledError:
+                writer.transport.abort()
+            except Exception:
+                log.exception("connection handler failed")
+                writer.transport.abort()
+            finally:
+                pod.tasks.discard(task)
+
+        return run
+
+    def _dialer(self, pod: PodProxy) -> Callable[[tuple[Any, int]], Awaitable[socket.socket]]:
+        async def dial(dst: tuple[Any, int]) -> socket.socket:
+            return await self._dial(pod, str(dst[0]), dst[1])
+
+        return dial
+
+    async def _dial(
+        self, pod: PodProxy, ip: str, port: int, *, source: tuple[str, int] | None = None
+    ) -> socket.socket:
+        sock = dial_socket(pod.netns, ip, mark=self.settings.packet_mark, source=source)
+        try:
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(sock, (ip, port)),
+                self.settings.connect_timeout_s,
+            )
+        except TimeoutError:
+            sock.close()
+            raise TimeoutError(
+                f"connection to {ip}:{port} timed out; is a NetworkPolicy blocking it?"
+            ) from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _open_app(
+        self, pod: PodProxy, src_ip: str, dst: tuple[str, int]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to the pod's application, keeping the client's IP as the source."""
+        source = (src_ip, 0) if self.settings.enable_orig_src else None
+        sock = await self._dial(pod, dst[0], dst[1], source=source)
+        return await asyncio.open_connection(sock=sock, limit=256 * 1024)
+
+    def _result(self, **kw: Any) -> ConnectionResult:
+        return ConnectionResult.open(self.metrics, tracker=self.tracker, **kw)
+
+    # -- outbound (15001) -----------------------------------------------------------------
+
+    async def _outbound(
+        self, pod: PodProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        sock = writer.get_extra_info("socket")
+        try:
+            dst = original_dst(sock)
+        except OSError:
+            log.warning("outbound connection from %s has no original destination; closing", peer)
+            writer.transport.abort()
+            return
+        state = self.store.snapshot
+        src = pod.workload(state)
+        if src is None:
+            # Fail closed: without knowing who the pod is we cannot prove its identity.
+            log.warning(
+                "pod %s/%s is not in the mesh configuration yet; refusing its connection to %s:%d",
+                pod.namespace, pod.name, *dst,
+            )
+            writer.transport.abort()
+            return
+        route = route_outbound(state, src, dst[0], dst[1], network=self.settings.network)
+        if isinstance(route, Hbone):
+            await self._outbound_hbone(pod, src, peer, dst, route, reader, writer)
+        elif isinstance(route, Passthrough):
+            await self._outbound_passthrough(pod, src, peer, route, reader, writer)
+        else:
+            self._refuse(src, peer, dst, route, writer)
+
+    def _refuse(
+        self,
+        src: Workload,
+        peer: tuple[str, int],
+        dst: tuple[str, int],
+        route: NoRoute,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        result = self._result(
+            reporter="source", src=peer, dst=dst, src_workload=src, dst_service=route.service,
+            src_identity=src.identity(),
+        )
+        writer.transport.abort()
+        result.close(0, 0, error=route.reason, response_flags=ResponseFlags.CONNECT)
+
+    async def _outbound_hbone(
+        self,
+        pod: PodProxy,
+        src: Workload,
+        peer: tuple[str, int],
+        dst: tuple[str, int],
+        route: Hbone,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        assert pod.pool is not None
+        result = self._result(
+            reporter="source", src=peer, dst=route.address, hbone_target=route.authority,
+            src_workload=src, dst_workload=route.workload, dst_service=route.service,
+            src_identity=src.identity(), dst_identity=route.workload.identity(),
+            security_policy="mutual_tls",
+        )
+        key = PoolKey(
+            src_identity=src.identity(),
+            dst_identities=route.identities,
+            src_ip=ipaddress.ip_address(peer[0]),
+            dst=(ipaddress.ip_address(route.address[0]), route.address[1]),
+        )
+        headers = build_request_headers(
+            route.authority,
+            forwarded_for=f"{peer[0]}:{peer[1]}",
+            forwarded_host=route.service.hostname if route.service else None,
+            baggage=_baggage(src),
+        )
+        try:
+            stream = await pod.pool.connect(key, route.authority, headers)
+        except (HboneConnectError, CertificateError, OSError) as e:
+            writer.transport.abort()
+            flag = ResponseFlags.DENY if getattr(e, "status", None) == 401 else None
+            result.close(0, 0, error=e, response_flags=flag or flag_for_error(e))
+            return
+        r = await relay(stream, reader, writer)
+        result.close(r.to_stream, r.from_stream, error=r.error)
+
+    async def _outbound_passthrough(
+        self,
+        pod: PodProxy,
+        src: Workload,
+        peer: tuple[str, int],
+        route: Passthrough,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        result = self._result(
+            reporter="source", src=peer, dst=route.address, src_workload=src,
+            dst_workload=route.workload, dst_service=route.service, src_identity=src.identity(),
+        )
+        try:
+            sock = await self._dial(pod, *route.address)
+            up = await asyncio.open_connection(sock=sock, limit=256 * 1024)
+        except OSError as e:
+            writer.transport.abort()
+            result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
+            return
+        try:
+            sent, recv = await relay_streams((reader, writer), up)
+        except OSError as e:
+            result.close(error=e)
+            return
+        result.close(sent, recv)
+
+    # -- inbound plaintext (15006) --------------------------------------------------------
+
+    async def _inbound_plain(
+        self, pod: PodProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            dst = original_dst(writer.get_extra_info("socket"))
+        except OSError:
+            writer.transport.abort()
+            return
+        state = self.store.snapshot
+        wl = pod.workload(state)
+        src_wl = state.workload_by_address(self.settings.network, peer[0])
+        result = self._result(
+            reporter="destination", src=peer, dst=dst, src_workload=src_wl, dst_workload=wl,
+        )
+        if wl is None:
+            writer.transport.abort()
+            result.close(0, 0, error="destination workload unknown", response_flags="CONNECT")
+            return
+        decision = evaluate(
+            ConnectionInfo(
+                src_ip=ipaddress.ip_address(peer[0]), src_identity=None,
+                dst_ip=ipaddress.ip_address(dst[0]), dst_port=dst[1], dst_workload=wl,
+            ),
+            state.policies_for(wl),
+        )
+        _log_dry_run(decision, peer, dst)
+        if not decision.allowed:
+            writer.transport.abort()
+            result.close(0, 0, error=decision.reason, response_flags=ResponseFlags.DENY)
+            return
+        try:
+            app = await self._open_app(pod, peer[0], dst)
+        except OSError as e:
+            writer.transport.abort()
+            result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
+            return
+        try:
+            sent, recv = await relay_streams((reader, writer), app)
+        except OSError as e:
+            result.close(error=e)
+            return
+        result.close(sent, recv)
+
+    # -- inbound HBONE (15008) ------------------------------------------------------------
+
+    async def _accept_hbone(self, pod: PodProxy) -> None:
+        assert pod.hbone_listener is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(pod.hbone_listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as e:
+                if pod.hbone_listener.fileno() < 0:
+                    return
+                log.warning("accept on 15008 for pod %s/%s failed: %s", pod.namespace, pod.name, e)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self._serve_hbone(pod, sock))
+            pod.tasks.add(task)
+            task.add_done_callback(pod.tasks.discard)
+
+    async def _serve_hbone(self, pod: PodProxy, sock: socket.socket) -> None:
+        wl = pod.workload(self.store.snapshot)
+        if wl is None:
+            log.warning("HBONE to pod %s/%s, which is not in the mesh configuration; closing",
+                        pod.namespace, pod.name)
+            sock.close()
+            return
+        try:
+            ctx = await self.certs.server_ctx(wl.identity())
+        except CertificateError as e:
+            log.error("no certificate for %s, refusing HBONE: %s", wl.identity(), e)
+            sock.close()
+            return
+
+        async def handler(request: ConnectRequest, peer: SpiffeId, incoming: Incoming) -> None:
+            await self._inbound_hbone(pod, request, peer, incoming)
+
+        try:
+            await serve_hbone(sock, ctx, handler, trust_domain=self.settings.trust_domain)
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        except Exception as e:  # handshake or identity failure: the peer gets a TLS alert
+            log.info("inbound HBONE connection to %s/%s failed: %s", pod.namespace, pod.name, e)
+            sock.close()
+
+    async def _inbound_hbone(
+        self, pod: PodProxy, request: ConnectRequest, peer_id: SpiffeId, incoming: Incoming
+    ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            pod.tasks.add(task)
+        try:
+            await self._inbound_hbone_stream(pod, request, peer_id, incoming)
+        finally:
+            if task is not None:
+                pod.tasks.discard(task)
+
+    async def _inbound_hbone_stream(
+        self, pod: PodProxy, request: ConnectRequest, peer_id: SpiffeId, incoming: Incoming
+    ) -> None:
+        state = self.store.snapshot
+        wl = pod.workload(state)
+        peer = incoming.peer_address or ("0.0.0.0", 0)
+        src_ip = str(peer[0])
+        dst = (str(request.host), request.port)
+        src_wl = state.workload_by_address(self.settings.network, src_ip)
+        result = self._result(
+            reporter="destination", src=(src_ip, peer[1]), dst=dst,
+            hbone_target=request.authority, src_workload=src_wl, dst_workload=wl,
+            src_identity=peer_id, dst_identity=wl.identity() if wl else None,
+            security_policy="mutual_tls",
+        )
+        if wl is None:
+            incoming.reject(503)
+            result.close(0, 0, error="destination workload unknown", response_flags="CONNECT")
+            return
+        if ipaddress.ip_address(request.host) not in wl.addresses:
+            incoming.reject(400)
+            result.close(
+                0, 0,
+                error=f"authority {request.authority} is not an address of "
+                f"{wl.namespace}/{wl.name}",
+                response_flags=ResponseFlags.CONNECT,
+            )
+            return
+        decision = evaluate(
+            ConnectionInfo(
+                src_ip=ipaddress.ip_address(src_ip), src_identity=peer_id,
+                dst_ip=ipaddress.ip_address(request.host), dst_port=request.port,
+                dst_workload=wl,
+            ),
+            state.policies_for(wl),
+        )
+        _log_dry_run(decision, peer, dst)
+        if not decision.allowed:
+            incoming.reject(401)
+            result.close(0, 0, error=decision.reason, response_flags=ResponseFlags.DENY)
+            return
+        try:
+            app = await self._open_app(pod, src_ip, dst)
+        except OSError as e:
+            incoming.reject(503)
+            result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
+            return
+        stream = incoming.accept()
+        r = await relay(stream, *app)
+        result.close(r.from_stream, r.to_stream, error=r.error)
+
+
+def _baggage(w: Workload) -> str:
+    parts = [
+        f"k8s.cluster.name={w.cluster_id}",
+        f"k8s.namespace.name={w.namespace}",
+        f"k8s.{(w.workload_type or 'deployment').lower()}.name={w.workload_name or w.name}",
+        f"service.name={w.canonical_name or w.name}",
+        f"service.version={w.canonical_revision or 'latest'}",
+    ]
+    return ",".join(parts)
+
+
+def _log_dry_run(decision: Any, peer: Any, dst: tuple[str, int]) -> None:
+    for key, would_allow in decision.dry_run:
+        log.info(
+            "dry-run policy %s would %s the connection from %s to %s:%d",
+            key, "allow" if would_allow else "deny", peer, *dst,
+        )

@@ -1,0 +1,198 @@
+"""File-backed inputs of a local ztunnel: mesh configuration and the pods it serves.
+
+* Mesh configuration: ztunnel's local YAML (``LOCAL_XDS_PATH`` / ``LOCAL_XDS``) or a file
+  of Kubernetes manifests (``LOCAL_MANIFESTS_PATH``), translated into the same protobuf
+  resources the control plane would push, then applied to the store as one batch.  The file
+  is polled for changes; a bad entry is rejected on its own, and a file that cannot be read
+  or parsed at all leaves the last good configuration in force.
+* Pods: ``INPOD_PODS_PATH`` lists ``{uid, name, namespace, netns[, workloadUid]}`` entries
+  (what the CNI node agent hands over by ZDS in a cluster); entries that appear are
+  added and entries that disappear are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from ambient.config.local import parse_local_config
+from ambient.config.manifests import translate_manifests
+from ambient.store import MeshStore
+from ztunnel.config import Settings
+
+log = logging.getLogger("ztunnel.config")
+POLL_INTERVAL = 1.0
+
+
+@dataclass
+class LoadReport:
+    applied: int
+    rejected: list[str]
+    warnings: list[str]
+
+
+def load_config_text(text: str, settings: Settings, store: MeshStore, *, manifests: bool) -> LoadReport:
+    """Parse one configuration text and make the store hold exactly what it describes."""
+    if manifests:
+        tr = translate_manifests(
+            text, cluster_id=settings.cluster_id, trust_domain=settings.trust_domain,
+            cluster_domain=settings.cluster_domain, root_namespace=settings.root_namespace,
+        )
+        resources, errors, warnings = tr.resources, tr.errors, tr.warnings
+    else:
+        pr = parse_local_config(text)
+        resources, errors, warnings = pr.resources, pr.errors, []
+    if not resources and errors:
+        # Nothing usable at all (for example a YAML syntax error): keep the last good config.
+        raise ValueError("; ".join(errors))
+    rejections = store.replace_all([r for _, r in resources])
+    rejected = errors + [f"{r.key}: {r.message}" for r in rejections]
+    for msg in rejected:
+        log.error("config entry rejected (the last good version stays in force): %s", msg)
+    for msg in warnings:
+        log.warning("%s", msg)
+    return LoadReport(len(resources) - len(rejections), rejected, warnings)
+
+
+class ConfigWatcher:
+    """Loads the configured source now and again whenever the file changes."""
+
+    def __init__(self, settings: Settings, store: MeshStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.path = settings.local_xds_path or settings.local_manifests_path
+        self._stamp: tuple[float, int] | None = None
+        self.last_error: str | None = None
+
+    def load_once(self) -> LoadReport | None:
+        s = self.settings
+        if s.local_xds is not None:
+            if self._stamp is not None:
+                return None
+            self._stamp = (0.0, 0)
+            return load_config_text(s.local_xds, s, self.store, manifests=False)
+        if self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime, st.st_size)
+            if stamp == self._stamp:
+                return None
+            with open(self.path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            self._fail(f"cannot read {self.path}: {e.strerror}")
+            return None
+        self._stamp = stamp
+        try:
+            report = load_config_text(
+                text, s, self.store, manifests=s.local_manifests_path is not None
+            )
+        except ValueError as e:
+            self._fail(f"{self.path}: {e}")
+            return None
+        self.last_error = None
+        log.info("loaded %s: %d resources, %d rejected", self.path, report.applied,
+                 len(report.rejected))
+        return report
+
+    def _fail(self, message: str) -> None:
+        if message != self.last_error:
+            log.error("configuration not loaded, keeping the last good one: %s", message)
+        self.last_error = message
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            self.load_once()
+
+
+@dataclass(frozen=True)
+class PodEntry:
+    uid: str
+    name: str
+    namespace: str
+    netns: str
+    workload_uid: str | None = None
+
+
+def parse_pods(text: str) -> list[PodEntry]:
+    """Parse the pods file; raises ValueError naming the bad entry."""
+    data: Any = yaml.safe_load(text) if text.strip() else []
+    if isinstance(data, dict):
+        data = data.get("pods", [])
+    if not isinstance(data, list):
+        raise ValueError("expected a list of pods")
+    pods = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise ValueError(f"pods[{i}]: expected a mapping")
+        missing = [k for k in ("uid", "name", "namespace", "netns") if not item.get(k)]
+        if missing:
+            raise ValueError(f"pods[{i}]: missing {', '.join(missing)}")
+        pods.append(PodEntry(str(item["uid"]), str(item["name"]), str(item["namespace"]),
+                             str(item["netns"]), item.get("workloadUid")))
+    return pods
+
+
+class PodsWatcher:
+    """Keeps the served pods equal to the pods file."""
+
+    def __init__(
+        self,
+        path: str,
+        add: Callable[[PodEntry], Awaitable[None]],
+        remove: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self.path = path
+        self._add = add
+        self._remove = remove
+        self._stamp: tuple[float, int] | None = None
+        self.current: dict[str, PodEntry] = {}
+
+    async def sync(self) -> None:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime, st.st_size)
+            if stamp == self._stamp:
+                return
+            with open(self.path, encoding="utf-8") as f:
+                wanted = {p.uid: p for p in parse_pods(f.read())}
+        except FileNotFoundError:
+            wanted = {}
+            stamp = (0.0, -1)
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            log.error("pods file %s not applied: %s", self.path, e)
+            return
+        self._stamp = stamp
+        for uid in [u for u in self.current if u not in wanted]:
+            await self._remove(uid)
+            del self.current[uid]
+        for uid, pod in wanted.items():
+            if self.current.get(uid) == pod:
+                continue
+            try:
+                await self._add(pod)
+                self.current[uid] = pod
+            except OSError as e:
+                log.error("cannot serve pod %s/%s: %s", pod.namespace, pod.name, e)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            await self.sync()
+
+
+def write_pods_file(path: str, pods: list[dict[str, str]]) -> None:
+    """Atomically write a pods file (used by the local cluster harness)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(pods, f, indent=1)
+    os.replace(tmp, path)
