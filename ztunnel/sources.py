@@ -3,8 +3,9 @@
 * Mesh configuration: ztunnel's local YAML (``LOCAL_XDS_PATH`` / ``LOCAL_XDS``) or a file
   of Kubernetes manifests (``LOCAL_MANIFESTS_PATH``), translated into the same protobuf
   resources the control plane would push, then applied to the store as one batch.  The file
-  is polled for changes; a bad entry is rejected on its own, and a file that cannot be read
-  or parsed at all leaves the last good configuration in force.
+  is polled for changes; a bad entry is rejected on its own (its last good version stays,
+  and removals wait until the file is clean), and a file that cannot be read or parsed at
+  all leaves the last good configuration in force.
 * Pods: ``INPOD_PODS_PATH`` lists ``{uid, name, namespace, netns[, workloadUid]}`` entries
   (what the CNI node agent hands over by ZDS in a cluster); entries that appear are
   added and entries that disappear are removed.
@@ -38,21 +39,80 @@ class LoadReport:
     warnings: list[str]
 
 
-def load_config_text(text: str, settings: Settings, store: MeshStore, *, manifests: bool) -> LoadReport:
+ObjectKey = tuple[str, str, str]  # (kind, namespace, name)
+
+
+def _object_key(obj: Any) -> ObjectKey | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+        return None
+    meta = obj["metadata"]
+    return (str(obj.get("kind")), str(meta.get("namespace", "")), str(meta.get("name", "")))
+
+
+def keep_last_good(
+    objects: list[Any], last_good: dict[ObjectKey, Any], settings: Settings
+) -> tuple[list[Any], list[str]]:
+    """Replace each object that does not translate on its own by its last good version.
+
+    Translation is holistic (a policy's selector changes which workloads list it), so a
+    rejected object is swapped for its last good manifest *before* translating the whole
+    set; its effects on other objects stay exactly as they were.  ``last_good`` is updated.
+    """
+    out, errors = [], []
+    for obj in objects:
+        key = _object_key(obj)
+        alone = _translate([obj], settings)
+        if not alone.errors:
+            if key is not None:
+                last_good[key] = obj
+            out.append(obj)
+            continue
+        errors.extend(alone.errors)
+        if key is not None and key in last_good:
+            out.append(last_good[key])
+    seen = {_object_key(o) for o in objects}
+    for key in [k for k in last_good if k not in seen]:
+        del last_good[key]  # deleted from the file: forget it
+    return out, errors
+
+
+def _translate(objects: list[Any], settings: Settings) -> Any:
+    return translate_manifests(
+        objects, cluster_id=settings.cluster_id, trust_domain=settings.trust_domain,
+        cluster_domain=settings.cluster_domain, root_namespace=settings.root_namespace,
+    )
+
+
+def load_config_text(
+    text: str,
+    settings: Settings,
+    store: MeshStore,
+    *,
+    manifests: bool,
+    last_good: dict[ObjectKey, Any] | None = None,
+) -> LoadReport:
     """Parse one configuration text and make the store hold exactly what it describes."""
     if manifests:
-        tr = translate_manifests(
-            text, cluster_id=settings.cluster_id, trust_domain=settings.trust_domain,
-            cluster_domain=settings.cluster_domain, root_namespace=settings.root_namespace,
-        )
-        resources, errors, warnings = tr.resources, tr.errors, tr.warnings
+        try:
+            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        except yaml.YAMLError as e:
+            raise ValueError(f"not valid YAML: {e}") from None
+        docs, pre_errors = keep_last_good(docs, {} if last_good is None else last_good, settings)
+        tr = _translate(docs, settings)
+        resources, errors, warnings = tr.resources, pre_errors + tr.errors, tr.warnings
     else:
         pr = parse_local_config(text)
         resources, errors, warnings = pr.resources, pr.errors, []
     if not resources and errors:
         # Nothing usable at all (for example a YAML syntax error): keep the last good config.
         raise ValueError("; ".join(errors))
-    rejections = store.replace_all([r for _, r in resources])
+    upserts = [r for _, r in resources]
+    # A rejected entry of the local format is absent from ``resources``; removing what is
+    # absent would drop its last good version.  So while it has errors, nothing is removed.
+    if errors and not manifests:
+        rejections = store.apply(upserts)
+    else:
+        rejections = store.replace_all(upserts)
     rejected = errors + [f"{r.key}: {r.message}" for r in rejections]
     for msg in rejected:
         log.error("config entry rejected (the last good version stays in force): %s", msg)
@@ -70,6 +130,7 @@ class ConfigWatcher:
         self.path = settings.local_xds_path or settings.local_manifests_path
         self._stamp: tuple[float, int] | None = None
         self.last_error: str | None = None
+        self._last_good: dict[ObjectKey, Any] = {}
 
     def load_once(self) -> LoadReport | None:
         s = self.settings
@@ -93,7 +154,8 @@ class ConfigWatcher:
         self._stamp = stamp
         try:
             report = load_config_text(
-                text, s, self.store, manifests=s.local_manifests_path is not None
+                text, s, self.store, manifests=s.local_manifests_path is not None,
+                last_good=self._last_good,
             )
         except ValueError as e:
             self._fail(f"{self.path}: {e}")

@@ -59,11 +59,6 @@ def probe(mesh: LocalMesh, src: str, dst_ip: str, port: int) -> ProbeResult:
     return tcp_probe(mesh.pods[src].netns, dst_ip, port, payload=b"hello mesh\n", timeout=5)
 
 
-def scenarios(mesh: LocalMesh) -> list[Callable[[LocalMesh], Scenario]]:
-    return [mtls_cross_node, mtls_same_node, service_vip, policy_allows_backend,
-            policy_denies_frontend, strict_refuses_plaintext, unenrolled_bypass]
-
-
 def _mtls(mesh: LocalMesh, title: str, src: str, dst: str) -> Scenario:
     dst_pod, src_pod = mesh.pods[dst], mesh.pods[src]
     principal = SPIFFE.format(ns=src_pod.namespace, sa=src_pod.service_account)
@@ -143,6 +138,12 @@ def unenrolled_bypass(mesh: LocalMesh) -> Scenario:
                     f"no ztunnel saw it: {after == before}")
 
 
+SCENARIOS: list[Callable[[LocalMesh], Scenario]] = [
+    mtls_cross_node, mtls_same_node, service_vip, policy_allows_backend,
+    policy_denies_frontend, strict_refuses_plaintext, unenrolled_bypass,
+]
+
+
 def show_metrics(mesh: LocalMesh) -> None:
     print("\nistio_tcp_connections_opened_total as reported by the destination ztunnels:")
     for node in sorted(mesh.ztunnels):
@@ -168,7 +169,7 @@ def run_demo(manifests: Path, *, name: str, run_dir: Path, keep: bool) -> int:
     try:
         mesh.up()
         print("\nscenarios:")
-        for fn in scenarios(mesh):
+        for fn in SCENARIOS:
             try:
                 sc = fn(mesh)
             except Exception as e:  # a scenario that crashes is a failed scenario

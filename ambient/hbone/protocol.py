@@ -164,7 +164,7 @@ def _cheap_data_frame_repr(self: hyperframe.frame.DataFrame) -> str:
 # for a 1 MiB DATA frame that serialized and hex-encoded the whole payload (a quarter of the
 # CPU of a bulk transfer). Make those reprs O(1).
 hyperframe.frame._raw_data_repr = _cheap_raw_data_repr
-hyperframe.frame.DataFrame._body_repr = _cheap_data_frame_repr  # type: ignore[method-assign]
+hyperframe.frame.DataFrame._body_repr = _cheap_data_frame_repr  # type: ignore[method-assign,assignment]
 
 
 # ---------------------------------------------------------------------------------------------
