@@ -138,22 +138,42 @@ def unenrolled_bypass(mesh: LocalMesh) -> Scenario:
                     f"no ztunnel saw it: {after == before}")
 
 
+def passthrough_to_unenrolled(mesh: LocalMesh) -> Scenario:
+    web, fe = mesh.pods["legacy/web"], mesh.pods["shop/frontend"]
+    labels = {"reporter": "source", "destination_workload": "web",
+              "connection_security_policy": "unknown"}
+    before = _opened(mesh, fe.node, **labels)
+    r = probe(mesh, "shop/frontend", web.ip, 8080)
+    after = _wait_metric(mesh, fe.node, before, **labels)
+    ok = r.ok and after > before
+    return Scenario("mesh pod reaches a pod outside the mesh (plain TCP passthrough)", ok,
+                    f"frontend -> legacy/web: reply {r.greeting!r}; frontend's ztunnel passed "
+                    f"it through without mTLS: {after > before}")
+
+
 SCENARIOS: list[Callable[[LocalMesh], Scenario]] = [
     mtls_cross_node, mtls_same_node, service_vip, policy_allows_backend,
     policy_denies_frontend, strict_refuses_plaintext, unenrolled_bypass,
+    passthrough_to_unenrolled,
 ]
 
 
 def show_metrics(mesh: LocalMesh) -> None:
-    print("\nistio_tcp_connections_opened_total as reported by the destination ztunnels:")
+    print("\nistio_tcp_connections_closed_total{reporter=\"destination\"} on each node's "
+          "ztunnel (:15020/metrics):")
     for node in sorted(mesh.ztunnels):
         for fam in text_string_to_metric_families(mesh.metrics(node)):
             for s in fam.samples:
-                if s.name == "istio_tcp_connections_opened_total" and \
+                if s.name == "istio_tcp_connections_closed_total" and \
                         s.labels.get("reporter") == "destination":
-                    print(f"  [{node}] {s.labels['source_principal']} -> "
-                          f"{s.labels['destination_workload']} "
-                          f"(response_flags {s.labels['response_flags']}): {int(s.value)}")
+                    print(f"  [{node}] source_principal={s.labels['source_principal']} "
+                          f"destination_workload={s.labels['destination_workload']} "
+                          f"response_flags={s.labels['response_flags']}: {int(s.value)}")
+    lines = [ln for ln in mesh.log_path("node-b").read_text().splitlines()
+             if "connection complete" in ln and 'direction="inbound"' in ln]
+    if lines:
+        print(f"\nan access-log line from node-b's ztunnel ({mesh.log_path('node-b')}):\n"
+              f"  {lines[0]}")
 
 
 def run_demo(manifests: Path, *, name: str, run_dir: Path, keep: bool) -> int:
