@@ -126,12 +126,12 @@ def route_outbound(
             )
         workload, target_port = choose(endpoints)
         return _to_workload(workload, target_port, service, network)
-    workload = state.workload_by_address(network, ip)
-    if workload is not None:
-        if getattr(workload, "waypoint", None):
+    target = state.workload_by_address(network, ip)
+    if target is not None:
+        if getattr(target, "waypoint", None):
             return NoRoute(
-                f"workload {workload.namespace}/{workload.name} uses a waypoint, "
+                f"workload {target.namespace}/{target.name} uses a waypoint, "
                 "which this ztunnel cannot reach yet"
             )
-        return _to_workload(workload, dst_port, None, network)
+        return _to_workload(target, dst_port, None, network)
     return Passthrough(address=(dst_ip, dst_port), workload=None, service=None)

@@ -38,17 +38,17 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def _opened(mesh: LocalMesh, node: str, **labels: str) -> float:
+def _opened(mesh: LocalMesh, node: str, labels: dict[str, str]) -> float:
     return metric_value(mesh.metrics(node), "istio_tcp_connections_opened_total", **labels)
 
 
-def _wait_metric(mesh: LocalMesh, node: str, before: float, timeout: float = 5.0,
-                 **labels: str) -> float:
+def _wait_metric(mesh: LocalMesh, node: str, before: float, labels: dict[str, str],
+                 timeout: float = 5.0) -> float:
     """Wait until the counter grows past ``before`` (metrics are written at close)."""
     deadline = time.monotonic() + timeout
     value = before
     while time.monotonic() < deadline:
-        value = _opened(mesh, node, **labels)
+        value = _opened(mesh, node, labels)
         if value > before:
             break
         time.sleep(0.1)
@@ -65,9 +65,9 @@ def _mtls(mesh: LocalMesh, title: str, src: str, dst: str) -> Scenario:
     labels = {"reporter": "destination", "source_principal": principal,
               "destination_canonical_service": dst_pod.labels.get("app", dst_pod.name),
               "connection_security_policy": "mutual_tls"}
-    before = _opened(mesh, dst_pod.node, **labels)
+    before = _opened(mesh, dst_pod.node, labels)
     r = probe(mesh, src, dst_pod.ip, 8080)
-    after = _wait_metric(mesh, dst_pod.node, before, **labels)
+    after = _wait_metric(mesh, dst_pod.node, before, labels)
     seen = r.seen_client
     ok = r.ok and after > before and seen is not None and seen[0] == src_pod.ip
     detail = (f"{src} ({src_pod.node}) -> {dst} ({dst_pod.node}): reply {r.greeting!r}; "
@@ -129,9 +129,9 @@ def strict_refuses_plaintext(mesh: LocalMesh) -> Scenario:
 
 def unenrolled_bypass(mesh: LocalMesh) -> Scenario:
     web = mesh.pods["legacy/web"]
-    before = _opened(mesh, web.node, destination_workload="web")
+    before = _opened(mesh, web.node, {"destination_workload": "web"})
     r = probe(mesh, "legacy/client", web.ip, 8080)
-    after = _opened(mesh, web.node, destination_workload="web")
+    after = _opened(mesh, web.node, {"destination_workload": "web"})
     ok = r.ok and after == before
     return Scenario("unlabelled namespace bypasses the mesh", ok,
                     f"legacy/client -> legacy/web: reply {r.greeting!r}; "
@@ -142,9 +142,9 @@ def passthrough_to_unenrolled(mesh: LocalMesh) -> Scenario:
     web, fe = mesh.pods["legacy/web"], mesh.pods["shop/frontend"]
     labels = {"reporter": "source", "destination_workload": "web",
               "connection_security_policy": "unknown"}
-    before = _opened(mesh, fe.node, **labels)
+    before = _opened(mesh, fe.node, labels)
     r = probe(mesh, "shop/frontend", web.ip, 8080)
-    after = _wait_metric(mesh, fe.node, before, **labels)
+    after = _wait_metric(mesh, fe.node, before, labels)
     ok = r.ok and after > before
     return Scenario("mesh pod reaches a pod outside the mesh (plain TCP passthrough)", ok,
                     f"frontend -> legacy/web: reply {r.greeting!r}; frontend's ztunnel passed "

@@ -120,7 +120,7 @@ _MATCH_KEYS = {
 }
 
 
-def _enum(msg_cls: Any, fname: str, name: str) -> int:
+def _enum(msg_cls: Any, fname: str, name: str) -> Any:  # the proto enum's number
     return msg_cls.DESCRIPTOR.fields_by_name[fname].enum_type.values_by_name[name].number
 
 

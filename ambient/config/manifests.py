@@ -86,6 +86,7 @@ def _service(obj: dict[Any, Any], cluster_domain: str) -> _Svc | None:
         p = as_map(p, f"spec.ports[{i}]")
         port = as_port(p.get("port"), f"spec.ports[{i}].port")
         target = p.get("targetPort", port)
+        tref: int | str
         if isinstance(target, str) and not target.isdigit():
             tnum, tref = 0, target
         else:
@@ -224,7 +225,7 @@ def _objects(source: str | Iterable[Any], res: TranslationResult) -> list[Any]:
 
 def _describe(obj: Any, i: int) -> str:
     if isinstance(obj, dict):
-        meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+        meta: dict[Any, Any] = obj["metadata"] if isinstance(obj.get("metadata"), dict) else {}
         ns, name = meta.get("namespace", "default"), meta.get("name", f"#{i}")
         return f"{obj.get('kind', '(no kind)')} {ns}/{name}"
     return f"object #{i}"
