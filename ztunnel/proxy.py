@@ -47,6 +47,7 @@ log = logging.getLogger("ztunnel.proxy")
 OUTBOUND_PORT = 15001
 INBOUND_PLAINTEXT_PORT = 15006
 INBOUND_HBONE_PORT = 15008
+STREAM_LIMIT = 1024 * 1024  # asyncio stream buffer; reads pause above twice this
 
 
 @dataclass(eq=False)
@@ -246,7 +247,7 @@ class Ztunnel:
         """Connect to the pod's application, keeping the client's IP as the source."""
         source = (src_ip, 0) if self.settings.enable_orig_src else None
         sock = await self._dial(pod, dst[0], dst[1], source=source)
-        return await asyncio.open_connection(sock=sock, limit=256 * 1024)
+        return await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
 
     def _result(self, **kw: Any) -> ConnectionResult:
         return ConnectionResult.open(self.metrics, tracker=self.tracker, **kw)
@@ -351,17 +352,13 @@ class Ztunnel:
         )
         try:
             sock = await self._dial(pod, *route.address)
-            up = await asyncio.open_connection(sock=sock, limit=256 * 1024)
+            up = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
         except OSError as e:
             writer.transport.abort()
             result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
             return
-        try:
-            sent, recv = await relay_streams((reader, writer), up)
-        except OSError as e:
-            result.close(error=e)
-            return
-        result.close(sent, recv)
+        c = await relay_streams((reader, writer), up)
+        result.close(c.a_to_b, c.b_to_a, error=c.error)
 
     # -- inbound plaintext (15006) --------------------------------------------------------
 
@@ -402,12 +399,8 @@ class Ztunnel:
             writer.transport.abort()
             result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
             return
-        try:
-            sent, recv = await relay_streams((reader, writer), app)
-        except OSError as e:
-            result.close(error=e)
-            return
-        result.close(sent, recv)
+        c = await relay_streams((reader, writer), app)
+        result.close(c.a_to_b, c.b_to_a, error=c.error)
 
     # -- inbound HBONE (15008) ------------------------------------------------------------
 
