@@ -7,6 +7,7 @@ names the variable and the expected form, never a silent default.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -78,6 +79,8 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
         raise SettingsError(
             f"{name}={raw!r}: expected a number of seconds or a duration like 30s, 5m, 1h"
         ) from None
+    if not math.isfinite(value):
+        raise SettingsError(f"{name}={raw!r}: must be a finite number of seconds")
     if value < minimum:
         raise SettingsError(f"{name}={raw!r}: must be at least {minimum}")
     return value
@@ -110,7 +113,7 @@ def _addr(env: Mapping[str, str], name: str, default: tuple[str, int]) -> tuple[
     if not raw:
         return default
     host, sep, port = raw.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise SettingsError(f"{name}={raw!r}: expected host:port, for example 127.0.0.1:15000")
     return (host.strip("[]") or default[0], int(port))
 

@@ -95,7 +95,7 @@ class Ztunnel:
         self.store = store
         self.certs = certs
         self.metrics = metrics
-        self.tracker = tracker or ConnectionTracker()
+        self.tracker = tracker if tracker is not None else ConnectionTracker()
         self.pods: dict[str, PodProxy] = {}
         self.draining = False
 

@@ -21,8 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
+from ambient.config._common import load_yaml, load_yaml_documents
 from ambient.config.local import parse_local_config
 from ambient.config.manifests import translate_manifests
 from ambient.store import MeshStore
@@ -93,10 +92,10 @@ def load_config_text(
 ) -> LoadReport:
     """Parse one configuration text and make the store hold exactly what it describes."""
     if manifests:
-        try:
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
-        except yaml.YAMLError as e:
-            raise ValueError(f"not valid YAML: {e}") from None
+        docs, err = load_yaml_documents(text)
+        if err is not None:
+            raise ValueError(err)
+        docs = [d for d in docs if d is not None]
         docs, pre_errors = keep_last_good(docs, {} if last_good is None else last_good, settings)
         tr = _translate(docs, settings)
         resources, errors, warnings = tr.resources, pre_errors + tr.errors, tr.warnings
@@ -187,7 +186,11 @@ class PodEntry:
 
 def parse_pods(text: str) -> list[PodEntry]:
     """Parse the pods file; raises ValueError naming the bad entry."""
-    data: Any = yaml.safe_load(text) if text.strip() else []
+    data, err = load_yaml(text) if text.strip() else ([], None)
+    if err is not None:
+        raise ValueError(err)
+    if data is None:
+        data = []
     if isinstance(data, dict):
         data = data.get("pods", [])
     if not isinstance(data, list):
@@ -230,21 +233,24 @@ class PodsWatcher:
         except FileNotFoundError:
             wanted = {}
             stamp = (0.0, -1)
-        except (OSError, ValueError, yaml.YAMLError) as e:
+        except (OSError, ValueError) as e:
             log.error("pods file %s not applied: %s", self.path, e)
             return
-        self._stamp = stamp
         for uid in [u for u in self.current if u not in wanted]:
             await self._remove(uid)
             del self.current[uid]
+        failed = False
         for uid, pod in wanted.items():
             if self.current.get(uid) == pod:
                 continue
             try:
                 await self._add(pod)
                 self.current[uid] = pod
-            except OSError as e:
-                log.error("cannot serve pod %s/%s: %s", pod.namespace, pod.name, e)
+            except Exception as e:  # one bad pod must not stop the others
+                failed = True
+                log.error("cannot serve pod %s/%s (will retry): %s", pod.namespace, pod.name, e)
+        # Remember the file only when all of it is in force, so failed adds are retried.
+        self._stamp = None if failed else stamp
 
     async def run(self) -> None:
         while True:

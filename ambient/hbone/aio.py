@@ -632,7 +632,15 @@ async def serve_hbone(
     """Serve one accepted TCP socket (TLS handshake included) until the connection closes."""
     loop = asyncio.get_running_loop()
     factory = _server_factory(ssl_ctx, handler, trust_domain, settings)
-    _, conn = await loop.connect_accepted_socket(factory, sock, ssl=ssl_ctx)
+    made: list[HboneConnection] = []
+
+    def recording_factory() -> HboneConnection:
+        made.append(factory())
+        return made[-1]
+
+    # uvloop returns its SSLProtocol here rather than ours: keep the one the factory built.
+    await loop.connect_accepted_socket(recording_factory, sock, ssl=ssl_ctx)
+    conn = made[0]
     await conn.closed
     return conn
 
