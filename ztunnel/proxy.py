@@ -241,13 +241,54 @@ class Ztunnel:
             raise
         return sock
 
-    async def _open_app(
-        self, pod: PodProxy, src_ip: str, dst: tuple[str, int]
+    def _orig_src(self, client_ip: str) -> tuple[str, int] | None:
+        """Bind address that keeps the client's IP towards the application (ENABLE_ORIG_SRC)."""
+        return (client_ip, 0) if self.settings.enable_orig_src else None
+
+    async def _open(
+        self, pod: PodProxy, dst: tuple[str, int], source: tuple[str, int] | None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Connect to the pod's application, keeping the client's IP as the source."""
-        source = (src_ip, 0) if self.settings.enable_orig_src else None
         sock = await self._dial(pod, dst[0], dst[1], source=source)
         return await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
+
+    async def _relay_tcp(
+        self,
+        pod: PodProxy,
+        dst: tuple[str, int],
+        source: tuple[str, int] | None,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        result: ConnectionResult,
+    ) -> None:
+        """Plain TCP leg: dial ``dst`` from the pod, copy both ways, close the result."""
+        try:
+            up = await self._open(pod, dst, source)
+        except OSError as e:
+            writer.transport.abort()
+            result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
+            return
+        c = await relay_streams((reader, writer), up)
+        result.close(c.a_to_b, c.b_to_a, error=c.error)
+
+    @staticmethod
+    def _authorize(
+        state: MeshState,
+        wl: Workload,
+        src_ip: str,
+        identity: SpiffeId | None,
+        dst: tuple[str, int],
+    ) -> Any:
+        decision = evaluate(
+            ConnectionInfo(
+                src_ip=ipaddress.ip_address(src_ip), src_identity=identity,
+                dst_ip=ipaddress.ip_address(dst[0]), dst_port=dst[1], dst_workload=wl,
+            ),
+            state.policies_for(wl),
+        )
+        for key, would_allow in decision.dry_run:
+            log.info("dry-run policy %s would %s the connection from %s to %s:%d",
+                     key, "allow" if would_allow else "deny", src_ip, *dst)
+        return decision
 
     def _result(self, **kw: Any) -> ConnectionResult:
         return ConnectionResult.open(self.metrics, tracker=self.tracker, **kw)
@@ -350,15 +391,7 @@ class Ztunnel:
             reporter="source", src=peer, dst=route.address, src_workload=src,
             dst_workload=route.workload, dst_service=route.service, src_identity=src.identity(),
         )
-        try:
-            sock = await self._dial(pod, *route.address)
-            up = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
-        except OSError as e:
-            writer.transport.abort()
-            result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
-            return
-        c = await relay_streams((reader, writer), up)
-        result.close(c.a_to_b, c.b_to_a, error=c.error)
+        await self._relay_tcp(pod, route.address, None, reader, writer, result)
 
     # -- inbound plaintext (15006) --------------------------------------------------------
 
@@ -381,26 +414,12 @@ class Ztunnel:
             writer.transport.abort()
             result.close(0, 0, error="destination workload unknown", response_flags="CONNECT")
             return
-        decision = evaluate(
-            ConnectionInfo(
-                src_ip=ipaddress.ip_address(peer[0]), src_identity=None,
-                dst_ip=ipaddress.ip_address(dst[0]), dst_port=dst[1], dst_workload=wl,
-            ),
-            state.policies_for(wl),
-        )
-        _log_dry_run(decision, peer, dst)
+        decision = self._authorize(state, wl, peer[0], None, dst)
         if not decision.allowed:
             writer.transport.abort()
             result.close(0, 0, error=decision.reason, response_flags=ResponseFlags.DENY)
             return
-        try:
-            app = await self._open_app(pod, peer[0], dst)
-        except OSError as e:
-            writer.transport.abort()
-            result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
-            return
-        c = await relay_streams((reader, writer), app)
-        result.close(c.a_to_b, c.b_to_a, error=c.error)
+        await self._relay_tcp(pod, dst, self._orig_src(peer[0]), reader, writer, result)
 
     # -- inbound HBONE (15008) ------------------------------------------------------------
 
@@ -488,21 +507,13 @@ class Ztunnel:
                 response_flags=ResponseFlags.CONNECT,
             )
             return
-        decision = evaluate(
-            ConnectionInfo(
-                src_ip=ipaddress.ip_address(src_ip), src_identity=peer_id,
-                dst_ip=ipaddress.ip_address(request.host), dst_port=request.port,
-                dst_workload=wl,
-            ),
-            state.policies_for(wl),
-        )
-        _log_dry_run(decision, peer, dst)
+        decision = self._authorize(state, wl, src_ip, peer_id, dst)
         if not decision.allowed:
             incoming.reject(401)
             result.close(0, 0, error=decision.reason, response_flags=ResponseFlags.DENY)
             return
         try:
-            app = await self._open_app(pod, src_ip, dst)
+            app = await self._open(pod, dst, self._orig_src(src_ip))
         except OSError as e:
             incoming.reject(503)
             result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
@@ -521,11 +532,3 @@ def _baggage(w: Workload) -> str:
         f"service.version={w.canonical_revision or 'latest'}",
     ]
     return ",".join(parts)
-
-
-def _log_dry_run(decision: Any, peer: Any, dst: tuple[str, int]) -> None:
-    for key, would_allow in decision.dry_run:
-        log.info(
-            "dry-run policy %s would %s the connection from %s to %s:%d",
-            key, "allow" if would_allow else "deny", peer, *dst,
-        )
