@@ -63,7 +63,8 @@ class PodProxy:
     accept_task: asyncio.Task[None] | None = None
     hbone_listener: socket.socket | None = None
     pool: HbonePool | None = None
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # one per proxied connection
+    conn_tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # inbound HBONE connections
     _cache: tuple[int, Workload | None] = (-1, None)
 
     def workload(self, state: MeshState) -> Workload | None:
@@ -98,6 +99,7 @@ class Ztunnel:
         self.tracker = tracker if tracker is not None else ConnectionTracker()
         self.pods: dict[str, PodProxy] = {}
         self.draining = False
+        self._open_results: dict[asyncio.Task[Any], ConnectionResult] = {}
 
     # -- pod lifecycle --------------------------------------------------------------------
 
@@ -164,9 +166,10 @@ class Ztunnel:
     async def _close_pod(self, pod: PodProxy, *, abort: bool = False) -> None:
         self._close_listeners(pod)
         if abort:
-            for t in list(pod.tasks):
+            tasks = pod.tasks | pod.conn_tasks
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(*pod.tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         if pod.pool is not None:
             await pod.pool.close()
 
@@ -180,7 +183,7 @@ class Ztunnel:
 
     async def drain(self, deadline: float) -> None:
         """Graceful shutdown: listeners close now, live connections get ``deadline`` s."""
-        self.draining = True
+        self.draining = True  # from now on, new CONNECTs on live HBONE connections get 503
         for pod in self.pods.values():
             self._close_listeners(pod)
         tasks = {t for pod in self.pods.values() for t in pod.tasks}
@@ -213,6 +216,7 @@ class Ztunnel:
                 writer.transport.abort()
             finally:
                 pod.tasks.discard(task)
+                self._finish(task)
 
         return run
 
@@ -291,7 +295,18 @@ class Ztunnel:
         return decision
 
     def _result(self, **kw: Any) -> ConnectionResult:
-        return ConnectionResult.open(self.metrics, tracker=self.tracker, **kw)
+        result = ConnectionResult.open(self.metrics, tracker=self.tracker, **kw)
+        task = asyncio.current_task()
+        if task is not None:
+            self._open_results[task] = result
+        return result
+
+    def _finish(self, task: asyncio.Task[Any]) -> None:
+        """Close the task's result if its handler was cut short (closing is idempotent)."""
+        result = self._open_results.pop(task, None)
+        if result is not None:
+            result.close(error="closed by ztunnel: drain deadline reached or pod removed",
+                         response_flags=ResponseFlags.CONNECT)
 
     # -- outbound (15001) -----------------------------------------------------------------
 
@@ -438,8 +453,8 @@ class Ztunnel:
                 await asyncio.sleep(0.1)
                 continue
             task = asyncio.create_task(self._serve_hbone(pod, sock))
-            pod.tasks.add(task)
-            task.add_done_callback(pod.tasks.discard)
+            pod.conn_tasks.add(task)
+            task.add_done_callback(pod.conn_tasks.discard)
 
     async def _serve_hbone(self, pod: PodProxy, sock: socket.socket) -> None:
         wl = pod.workload(self.store.snapshot)
@@ -461,8 +476,7 @@ class Ztunnel:
         try:
             await serve_hbone(sock, ctx, handler, trust_domain=self.settings.trust_domain)
         except asyncio.CancelledError:
-            sock.close()
-            raise
+            raise  # serve_hbone aborted the connection
         except Exception as e:  # handshake or identity failure: the peer gets a TLS alert
             log.info("inbound HBONE connection to %s/%s failed: %s", pod.namespace, pod.name, e)
             sock.close()
@@ -478,6 +492,7 @@ class Ztunnel:
         finally:
             if task is not None:
                 pod.tasks.discard(task)
+                self._finish(task)
 
     async def _inbound_hbone_stream(
         self, pod: PodProxy, request: ConnectRequest, peer_id: SpiffeId, incoming: Incoming
@@ -494,9 +509,10 @@ class Ztunnel:
             src_identity=peer_id, dst_identity=wl.identity() if wl else None,
             security_policy="mutual_tls",
         )
-        if wl is None:
+        if wl is None or self.draining or self.pods.get(pod.uid) is not pod:
             incoming.reject(503)
-            result.close(0, 0, error="destination workload unknown", response_flags="CONNECT")
+            reason = "destination workload unknown" if wl is None else "ztunnel is draining"
+            result.close(0, 0, error=reason, response_flags=ResponseFlags.CONNECT)
             return
         if ipaddress.ip_address(request.host) not in wl.addresses:
             incoming.reject(400)

@@ -639,10 +639,18 @@ async def serve_hbone(
         return made[-1]
 
     # uvloop returns its SSLProtocol here rather than ours: keep the one the factory built.
-    await loop.connect_accepted_socket(recording_factory, sock, ssl=ssl_ctx)
-    conn = made[0]
-    await conn.closed
-    return conn
+    try:
+        await loop.connect_accepted_socket(recording_factory, sock, ssl=ssl_ctx)
+        await made[0].closed
+    except asyncio.CancelledError:
+        # The transport owns the socket: abort the connection (closing the fd under a live
+        # transport would leave it serving, or break fd reuse).
+        if made:
+            made[0].abort()
+        else:
+            sock.close()
+        raise
+    return made[0]
 
 
 async def open_hbone_connection(
