@@ -77,8 +77,8 @@ def _san_identities(service: Service | None) -> frozenset[SpiffeId]:
     return frozenset(ids)
 
 
-def _to_workload(workload: Workload, port: int, service: Service | None, network: str) -> Route:
-    ips = [a for a in workload.addresses]
+def _to_workload(workload: Workload, port: int, service: Service | None) -> Route:
+    ips = list(workload.addresses)
     if not ips:
         return NoRoute(f"workload {workload.namespace}/{workload.name} has no address", service)
     ip = str(ips[0])
@@ -125,7 +125,7 @@ def route_outbound(
                 service,
             )
         workload, target_port = choose(endpoints)
-        return _to_workload(workload, target_port, service, network)
+        return _to_workload(workload, target_port, service)
     target = state.workload_by_address(network, ip)
     if target is not None:
         if getattr(target, "waypoint", None):
@@ -133,5 +133,5 @@ def route_outbound(
                 f"workload {target.namespace}/{target.name} uses a waypoint, "
                 "which this ztunnel cannot reach yet"
             )
-        return _to_workload(target, dst_port, None, network)
+        return _to_workload(target, dst_port, None)
     return Passthrough(address=(dst_ip, dst_port), workload=None, service=None)
