@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ambient.cluster.cluster import destroy_from_state, sweep_stale
 from ambient.cluster.echo import ProbeResult, tcp_probe
-from ambient.cluster.mesh import LocalMesh, MeshError, ensure_root
+from ambient.cluster.mesh import LocalMesh, MeshError, ensure_root, remove_run_dir
 
 SPIFFE = "spiffe://cluster.local/ns/{ns}/sa/{sa}"
 
@@ -219,6 +219,8 @@ def down(run_dir: Path, name: str | None) -> int:
     status = 0
     for d in targets:
         errors = destroy_from_state(str(d))
+        if not errors:
+            remove_run_dir(d)
         print(f"removed {d.name}" + (f" with errors: {errors}" if errors else ""))
         status |= bool(errors)
     if not targets:

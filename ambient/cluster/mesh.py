@@ -10,10 +10,12 @@ and every ztunnel translates the same file into its mesh model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -183,7 +185,18 @@ class LocalMesh:
             return []
         errors = self.cluster.destroy()
         self.cluster = None
+        if not errors:
+            remove_run_dir(self.run_dir)
         return errors
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Remove what the mesh wrote into its run dir (CA, manifests, pods files), then the dir."""
+    shutil.rmtree(run_dir / "ca", ignore_errors=True)
+    for f in [run_dir / "manifests.yaml", *run_dir.glob("pods-*.json")]:
+        f.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()  # only if nothing else (logs kept on purpose) is left
 
 
 def node_of(mesh: LocalMesh, pod: str) -> str:
