@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ambient.hbone.protocol import HboneSettings
 from ambient.identity import DEFAULT_TRUST_DOMAIN
 
 
@@ -46,6 +47,7 @@ class Settings:
     stats_addr: tuple[str, int] = ("0.0.0.0", 15020)
     readiness_addr: tuple[str, int] = ("0.0.0.0", 15021)
     # Transport tuning.
+    hbone: HboneSettings = field(default_factory=HboneSettings)
     pool_max_streams: int = 100
     pool_unused_release_s: float = 300.0
     connect_timeout_s: float = 10.0
@@ -95,7 +97,10 @@ def _parse_duration(raw: str) -> float:
     return float(raw)
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+def _int(
+    env: Mapping[str, str], name: str, default: int, *, minimum: int = 0,
+    maximum: int | None = None,
+) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -105,6 +110,8 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
         raise SettingsError(f"{name}={raw!r}: expected an integer") from None
     if value < minimum:
         raise SettingsError(f"{name}={raw!r}: must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name}={raw!r}: must be at most {maximum}")
     return value
 
 
@@ -177,6 +184,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         admin_addr=_addr(env, "ADMIN_ADDR", ("127.0.0.1", 15000)),
         stats_addr=_addr(env, "STATS_ADDR", ("0.0.0.0", 15020)),
         readiness_addr=_addr(env, "READINESS_ADDR", ("0.0.0.0", 15021)),
+        hbone=HboneSettings(
+            stream_window=_int(env, "HTTP2_STREAM_WINDOW_SIZE", 4 << 20, minimum=65_535),
+            connection_window=_int(env, "HTTP2_CONNECTION_WINDOW_SIZE", 16 << 20, minimum=65_535),
+            max_frame_size=_int(  # HTTP/2 allows 2^14 .. 2^24-1
+                env, "HTTP2_FRAME_SIZE", 1 << 20, minimum=16_384, maximum=(1 << 24) - 1
+            ),
+        ),
         pool_max_streams=_int(env, "POOL_MAX_STREAMS_PER_CONNECTION", 100, minimum=1),
         pool_unused_release_s=_number(env, "POOL_UNUSED_RELEASE_TIMEOUT", 300.0),
         termination_deadline_s=termination_deadline(env),

@@ -142,6 +142,7 @@ class Ztunnel:
             max_streams=self.settings.pool_max_streams,
             idle_timeout=self.settings.pool_unused_release_s,
             connect_timeout=self.settings.connect_timeout_s,
+            settings=self.settings.hbone,
         )
         pod.accept_task = asyncio.create_task(self._accept_hbone(pod))
         self.pods[uid] = pod
@@ -474,7 +475,8 @@ class Ztunnel:
             await self._inbound_hbone(pod, request, peer, incoming)
 
         try:
-            await serve_hbone(sock, ctx, handler, trust_domain=self.settings.trust_domain)
+            await serve_hbone(sock, ctx, handler, trust_domain=self.settings.trust_domain,
+                              settings=self.settings.hbone)
         except asyncio.CancelledError:
             raise  # serve_hbone aborted the connection
         except Exception as e:  # handshake or identity failure: the peer gets a TLS alert

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
+from ambient.hbone.protocol import format_authority
 from ambient.identity import IdentityError, SpiffeId
 
 if TYPE_CHECKING:
@@ -59,10 +60,6 @@ def weighted_choice(candidates: Sequence[tuple[Workload, int]]) -> tuple[Workloa
     """Pick an endpoint, weighted by ``Workload.capacity`` (default 1)."""
     weights = [max(1, getattr(w, "capacity", 1) or 1) for w, _ in candidates]
     return random.choices(list(candidates), weights=weights, k=1)[0]
-
-
-def format_authority(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _san_identities(service: Service | None) -> frozenset[SpiffeId]:

@@ -31,6 +31,19 @@ log = logging.getLogger("ztunnel.config")
 POLL_INTERVAL = 1.0
 
 
+Stamp = tuple[float, int]  # (mtime, size): a file is re-read only when this changes
+
+
+def read_if_changed(path: str, stamp: Stamp | None) -> tuple[Stamp, str] | None:
+    """The file's new stamp and text, or None if it is unchanged since ``stamp``."""
+    st = os.stat(path)
+    new = (st.st_mtime, st.st_size)
+    if new == stamp:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return new, f.read()
+
+
 @dataclass
 class LoadReport:
     applied: int
@@ -127,7 +140,7 @@ class ConfigWatcher:
         self.settings = settings
         self.store = store
         self.path = settings.local_xds_path or settings.local_manifests_path
-        self._stamp: tuple[float, int] | None = None
+        self._stamp: Stamp | None = None
         self.last_error: str | None = None
         self._last_good: dict[ObjectKey, Any] = {}
 
@@ -141,16 +154,13 @@ class ConfigWatcher:
         if self.path is None:
             return None
         try:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime, st.st_size)
-            if stamp == self._stamp:
-                return None
-            with open(self.path, encoding="utf-8") as f:
-                text = f.read()
+            changed = read_if_changed(self.path, self._stamp)
         except OSError as e:
             self._fail(f"cannot read {self.path}: {e.strerror}")
             return None
-        self._stamp = stamp
+        if changed is None:
+            return None
+        self._stamp, text = changed
         try:
             report = load_config_text(
                 text, s, self.store, manifests=s.local_manifests_path is not None,
@@ -219,17 +229,16 @@ class PodsWatcher:
         self.path = path
         self._add = add
         self._remove = remove
-        self._stamp: tuple[float, int] | None = None
+        self._stamp: Stamp | None = None
         self.current: dict[str, PodEntry] = {}
 
     async def sync(self) -> None:
         try:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime, st.st_size)
-            if stamp == self._stamp:
+            changed = read_if_changed(self.path, self._stamp)
+            if changed is None:
                 return
-            with open(self.path, encoding="utf-8") as f:
-                wanted = {p.uid: p for p in parse_pods(f.read())}
+            stamp, text = changed
+            wanted = {p.uid: p for p in parse_pods(text)}
         except FileNotFoundError:
             wanted = {}
             stamp = (0.0, -1)

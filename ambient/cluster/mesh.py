@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import shutil
@@ -171,7 +170,7 @@ class LocalMesh:
         status, body = http_get(self.node_netns(node), "127.0.0.1", 15020, "/metrics", timeout=5)
         if status != 200:
             raise MeshError(f"metrics of ztunnel on {node} answered {status}")
-        return str(body.get("raw", "")) if "raw" in body else json.dumps(body)
+        return str(body.get("raw", ""))  # Prometheus text is not JSON: http_get keeps it raw
 
     def config_dump(self, node: str) -> dict[str, Any]:
         status, body = http_get(self.node_netns(node), "127.0.0.1", 15000, "/config_dump",
@@ -197,10 +196,6 @@ def remove_run_dir(run_dir: Path) -> None:
         f.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         run_dir.rmdir()  # only if nothing else (logs kept on purpose) is left
-
-
-def node_of(mesh: LocalMesh, pod: str) -> str:
-    return mesh.pods[pod].node
 
 
 def ensure_root() -> None:

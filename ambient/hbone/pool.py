@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
@@ -84,16 +83,6 @@ class HbonePool:
         self._dialing: dict[PoolKey, asyncio.Future[HboneConnection]] = {}
         self._idle_timers: dict[HboneConnection, asyncio.TimerHandle] = {}
         self._closed = False
-
-    @classmethod
-    def from_env(cls, dial: Dial, ssl_context_for: SslContextFor, *,
-                 trust_domain: str) -> HbonePool:
-        """A pool tuned by ztunnel's POOL_* variables (release timeout like "5m" or "30s")."""
-        env = os.environ
-        max_streams = int(env.get("POOL_MAX_STREAMS_PER_CONNECTION") or DEFAULT_MAX_STREAMS)
-        idle = _parse_duration(env.get("POOL_UNUSED_RELEASE_TIMEOUT"), DEFAULT_IDLE_TIMEOUT)
-        return cls(dial, ssl_context_for, trust_domain=trust_domain, max_streams=max_streams,
-                   idle_timeout=idle, settings=HboneSettings.from_env())
 
     # -- public ---------------------------------------------------------------------------
 
@@ -248,14 +237,3 @@ class HbonePool:
     @staticmethod
     def _where(key: PoolKey) -> str:
         return f"connection to {format_authority(key.dst[0], key.dst[1])}"
-
-
-def _parse_duration(raw: str | None, default: float) -> float:
-    if not raw:
-        return default
-    raw = raw.strip()
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for suffix in ("ms", "s", "m", "h"):
-        if raw.endswith(suffix):
-            return float(raw[: -len(suffix)]) * units[suffix]
-    return float(raw)

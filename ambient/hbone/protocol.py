@@ -24,10 +24,9 @@ Invariants:
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -120,7 +119,7 @@ class AuthorityError(HboneError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class HboneSettings:
-    """Transport tuning; defaults are ztunnel's. ``from_env`` reads ztunnel's variables."""
+    """Transport tuning; defaults are ztunnel's (ztunnel.config reads the HTTP2_* variables)."""
 
     stream_window: int = STREAM_WINDOW
     connection_window: int = CONNECTION_WINDOW
@@ -132,20 +131,6 @@ class HboneSettings:
     illegal_ports: frozenset[int] = ILLEGAL_PORTS
     # Double HBONE / E-W gateways carry "<svc FQDN>:<port>"; plain ztunnel inbound wants IPs.
     allow_hostnames: bool = False
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> HboneSettings:
-        env = os.environ if env is None else env
-
-        def num(name: str, default: int) -> int:
-            raw = env.get(name)
-            return int(raw) if raw else default
-
-        return cls(
-            stream_window=num("HTTP2_STREAM_WINDOW_SIZE", STREAM_WINDOW),
-            connection_window=num("HTTP2_CONNECTION_WINDOW_SIZE", CONNECTION_WINDOW),
-            max_frame_size=num("HTTP2_FRAME_SIZE", MAX_FRAME_SIZE),
-        )
 
 
 def _cheap_raw_data_repr(data: bytes | None) -> str:

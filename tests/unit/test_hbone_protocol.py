@@ -395,13 +395,6 @@ def test_client_settings_frame() -> None:
     assert conn_window + 65_535 == CONNECTION_WINDOW
 
 
-def test_settings_from_env() -> None:
-    s = HboneSettings.from_env({"HTTP2_STREAM_WINDOW_SIZE": "1048576",
-                                "HTTP2_FRAME_SIZE": "65536"})
-    assert (s.stream_window, s.max_frame_size, s.connection_window) == (
-        1 << 20, 1 << 16, CONNECTION_WINDOW)
-
-
 def test_client_respects_server_max_concurrent_streams() -> None:
     cli = HboneClientProtocol()
     srv = HboneServerProtocol(HboneSettings(max_concurrent_streams=2))

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from ambient.hbone.protocol import CONNECTION_WINDOW, HboneSettings
 from ambient.identity import DEFAULT_TRUST_DOMAIN
 from ztunnel.config import Settings, SettingsError, from_env, termination_deadline
 
@@ -74,6 +75,8 @@ VALID = [
     ("pods path", {"INPOD_PODS_PATH": "/run/pods.json"}, "inpod_pods_path", "/run/pods.json"),
     ("network", {"NETWORK": "net1"}, "network", "net1"),
     ("root namespace", {"ROOT_NAMESPACE": "mesh"}, "root_namespace", "mesh"),
+    ("http2 windows and frame size", {"HTTP2_STREAM_WINDOW_SIZE": "1048576", "HTTP2_FRAME_SIZE": "65536"}, "hbone", HboneSettings(stream_window=1 << 20, max_frame_size=1 << 16, connection_window=CONNECTION_WINDOW)),
+    ("http2 connection window", {"HTTP2_CONNECTION_WINDOW_SIZE": "33554432"}, "hbone", HboneSettings(connection_window=32 << 20)),
 ]  # fmt: skip
 
 
@@ -134,6 +137,9 @@ INVALID = [
     ("admin addr port not a number", {"ADMIN_ADDR": "127.0.0.1:http"}, "ADMIN_ADDR"),
     ("stats addr bad", {"STATS_ADDR": "nope"}, "STATS_ADDR"),
     ("readiness addr bad", {"READINESS_ADDR": "1.2.3.4:"}, "READINESS_ADDR"),
+    ("http2 frame size too small", {"HTTP2_FRAME_SIZE": "1024"}, "HTTP2_FRAME_SIZE"),
+    ("http2 frame size too large", {"HTTP2_FRAME_SIZE": "16777216"}, "HTTP2_FRAME_SIZE"),
+    ("http2 window not a number", {"HTTP2_STREAM_WINDOW_SIZE": "big"}, "HTTP2_STREAM_WINDOW_SIZE"),
 ]  # fmt: skip
 
 
