@@ -1,0 +1,1 @@
+"""Capture backends: iptables, nftables and eBPF behind one interface (see ``base``)."""
