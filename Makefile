@@ -24,7 +24,7 @@ proto: bootstrap
 
 lint: bootstrap
 	$(PY) -m ruff check .
-	$(PY) -m mypy ambient ztunnel
+	$(PY) -m mypy ambient ztunnel cni bpf controlplane waypoint
 
 clean:
 	rm -rf .venv build *.egg-info
