@@ -37,6 +37,7 @@ from typing import Any
 
 from ambient.cluster import cgroups, netlink
 from ambient.cluster.cni import (
+    CNI_PATH,
     CniNetwork,
     CniRuntime,
     bridge_network,
@@ -129,6 +130,10 @@ class LocalCluster:
         #: Plugin configs appended after ``bridge`` on every node (e.g. our chained plugin);
         #: set before adding pods.  Each pod records the conflist it was added with.
         self.chain: list[dict[str, Any]] = []
+        #: Per-node chain overrides (a node agent per node has its own socket directory).
+        self.chain_by_node: dict[str, list[dict[str, Any]]] = {}
+        #: CNI_PATH for the runtime (colon-separated); add the directory of our plugin.
+        self.cni_path: str = CNI_PATH
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -162,7 +167,7 @@ class LocalCluster:
         self._state = {
             "version": STATE_VERSION, "cluster": self.name, "run_dir": self.run_dir,
             "owner_pid": os.getpid(), "owner_start": cgroups.process_start_time(os.getpid()),
-            "underlay": self.underlay, "cgroup_base": self.cgroup_base,
+            "underlay": self.underlay, "cgroup_base": self.cgroup_base, "cni_path": self.cni_path,
             "netns": [], "nodes": {}, "pods": {}, "processes": [],
         }
         planned = [self.underlay] + [f"{self.name}-{n}" for n in self.node_names]
@@ -207,11 +212,13 @@ class LocalCluster:
         """The node's pod network (bridge + host-local).  Extend ``chain`` to chain plugins."""
         h = self.nodes[node]
         net = bridge_network("ambient-pods", h.pod_cidr, os.path.join(h.cni_data_dir, "ipam"))
-        net.plugins.extend(self.chain)
+        net.plugins.extend(self.chain_by_node.get(node, self.chain))
         return net
 
-    def cni_runtime(self, node: str) -> CniRuntime:
-        return CniRuntime(exec_netns=self.nodes[node].netns)
+    def cni_runtime(self, node: str, pod: PodHandle | None = None) -> CniRuntime:
+        """The runtime for ``node``; with ``pod``, CNI_ARGS carry its Kubernetes identity."""
+        args = pod_cni_args(pod.name, pod.namespace, pod.uid, pod.container_id) if pod else {}
+        return CniRuntime(exec_netns=self.nodes[node].netns, cni_path=self.cni_path, args=args)
 
     # ------------------------------------------------------------------ pods
 
@@ -241,7 +248,7 @@ class LocalCluster:
         try:
             netlink.create_netns(ns)
             cgroups.create_cgroup(pod.cgroup)
-            rt = self.cni_runtime(node)
+            rt = self.cni_runtime(node, pod)
             rt.add(self.loopback_network, pod.container_id, pod.netns_path, "lo")
             result = rt.add(network, pod.container_id, pod.netns_path)
             pod.cni_result = result
@@ -259,13 +266,13 @@ class LocalCluster:
     def cni_check(self, pod: str | PodHandle) -> None:
         """CNI CHECK against the cached ADD result (raises CniError on drift)."""
         p = self._pod(pod)
-        self.cni_runtime(p.node).check(_network(p.cni_network), p.container_id, p.netns_path,
+        self.cni_runtime(p.node, p).check(_network(p.cni_network), p.container_id, p.netns_path,
                                        p.cni_result)
 
     def cni_del(self, pod: str | PodHandle) -> None:
         """CNI DEL of the pod network (idempotent; the pod netns may already be gone)."""
         p = self._pod(pod)
-        rt = self.cni_runtime(p.node)
+        rt = self.cni_runtime(p.node, p)
         rt.delete(_network(p.cni_network), p.container_id, p.netns_path, p.cni_result or None)
         rt.delete(self.loopback_network, p.container_id, p.netns_path, None, "lo")
 
@@ -398,6 +405,12 @@ class LocalCluster:
         os.replace(tmp, self.state_path)
 
 
+def pod_cni_args(name: str, namespace: str, uid: str, container_id: str) -> dict[str, str]:
+    """CNI_ARGS as kubelet's runtimes pass them for a pod sandbox."""
+    return {"K8S_POD_NAMESPACE": namespace, "K8S_POD_NAME": name,
+            "K8S_POD_INFRA_CONTAINER_ID": container_id, "K8S_POD_UID": uid}
+
+
 def _python_env() -> dict[str, str]:
     """Environment for Python apps in pods: this checkout importable, nothing else inherited."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -448,7 +461,9 @@ def destroy_from_state(run_dir: str, keep_logs: bool = False) -> list[str]:
         node = nodes.get(pod.get("node"), {})
         if node and pod.get("cni_network") and netlink.netns_exists(node["netns"]):
             def cni_del(pod: dict[str, Any] = pod, node: dict[str, Any] = node) -> None:
-                rt = CniRuntime(exec_netns=node["netns"])
+                rt = CniRuntime(exec_netns=node["netns"], cni_path=st.get("cni_path", CNI_PATH),
+                                args=pod_cni_args(pod["name"], pod["namespace"], pod["uid"],
+                                                  pod["container_id"]))
                 rt.delete(_network(pod["cni_network"]), pod["container_id"], pod["netns_path"],
                           pod.get("cni_result") or None)
                 rt.delete(loopback_network(), pod["container_id"], pod["netns_path"], None, "lo")

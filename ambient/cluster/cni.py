@@ -81,7 +81,17 @@ class CniRuntime:
     """Invokes plugins of ``cni_path`` inside the netns ``exec_netns`` (a node netns name)."""
 
     exec_netns: str
-    cni_path: str = CNI_PATH
+    cni_path: str = CNI_PATH  # colon-separated directories, searched in order
+    args: dict[str, str] = field(default_factory=dict)  # CNI_ARGS, e.g. K8S_POD_NAME
+
+    def plugin_path(self, ptype: str) -> str:
+        dirs = [d for d in self.cni_path.split(":") if d]
+        for d in dirs:
+            path = os.path.join(d, ptype)
+            if os.access(path, os.X_OK):
+                return path
+        raise CniError(ptype, "find", -1, f"no executable plugin {ptype!r} in CNI_PATH "
+                                          f"{self.cni_path}")
 
     def _invoke(self, network: CniNetwork, plugin: dict[str, Any], command: str,
                 container_id: str, netns: str, ifname: str,
@@ -100,7 +110,10 @@ class CniRuntime:
             "CNI_PATH": self.cni_path,
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         }
-        cmd = [IP, "netns", "exec", self.exec_netns, os.path.join(self.cni_path, ptype)]
+        if self.args:
+            env["CNI_ARGS"] = ";".join(["IgnoreUnknown=1"]
+                                       + [f"{k}={v}" for k, v in self.args.items()])
+        cmd = [IP, "netns", "exec", self.exec_netns, self.plugin_path(ptype)]
         proc = subprocess.run(cmd, input=json.dumps(conf).encode(), env=env,
                               capture_output=True, timeout=_PLUGIN_TIMEOUT, check=False)
         out = proc.stdout.decode(errors="replace").strip()
