@@ -1,1 +1,1 @@
-"""cni: chained CNI plugin and node agent. Not built yet (issue 3); placeholder."""
+"""cni: the chained CNI plugin, its installer, the node agent, ZDS and the capture backends."""

@@ -39,8 +39,11 @@ def cgroup2_mount() -> str:
                        "(mount -t cgroup2 none /sys/fs/cgroup/unified)")
 
 
-def pod_cgroup_path(cluster: str, pod: str) -> str:
-    return os.path.join(cgroup2_mount(), CGROUP_ROOT_NAME, cluster, pod)
+def pod_cgroup_path(cluster: str, pod: str, node: str | None = None) -> str:
+    """``<cgroup2>/ambient/<cluster>[/pods-<node>]/<pod>``: a node's pods share a parent, so
+    per-node cgroup programs (eBPF capture) can be attached once per node."""
+    base = os.path.join(cgroup2_mount(), CGROUP_ROOT_NAME, cluster)
+    return os.path.join(base, f"pods-{node}", pod) if node else os.path.join(base, pod)
 
 
 def create_cgroup(path: str) -> str:
@@ -109,6 +112,16 @@ def start_in_pod(cgroup: str, netns: str, argv: list[str], *, env: dict[str, str
         if log_path:
             out.close()  # type: ignore[union-attr]
     return PodProcess(p.pid, process_start_time(p.pid), cgroup, list(argv), p)
+
+
+def run_in_pod(cgroup: str, netns: str, argv: list[str], *, env: dict[str, str] | None = None,
+               timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run a short command inside ``cgroup`` and the netns ``netns``; wait for it (bounded)."""
+    procs = os.path.join(cgroup, "cgroup.procs")
+    cmd = ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', procs,
+           IP, "netns", "exec", netns, *argv]
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          env=env, timeout=timeout, check=False)
 
 
 def stop_process(proc: PodProcess | dict[str, object], timeout: float = 5.0) -> None:

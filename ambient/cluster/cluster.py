@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 import sys
 import threading
 import uuid
@@ -44,12 +45,15 @@ from ambient.cluster.cni import (
     loopback_network,
     result_ipv4,
 )
-from ambient.cluster.echo import wait_listening
+from ambient.cluster.echo import ProbeResult, wait_listening
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RUN_ROOT = "/run/ambient"
 UNDERLAY_BRIDGE = "br0"
+#: The underlay's own address (on br0, in the underlay netns): where cluster-wide services
+#: such as the control plane listen, reachable from every node.
+CLUSTER_SERVICES_IP = "172.30.0.254"
 NODE_UPLINK = "ul0"
 STATE_VERSION = 1
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,28}[a-z0-9])?$")
@@ -179,6 +183,7 @@ class LocalCluster:
             self._record_netns(self.underlay)
             netlink.create_netns(self.underlay)
             netlink.add_bridge(self.underlay, UNDERLAY_BRIDGE)
+            netlink.add_address(self.underlay, UNDERLAY_BRIDGE, f"{CLUSTER_SERVICES_IP}/24")
             for i, node in enumerate(self.node_names, start=1):
                 self._create_node(node, i)
             for h in self.nodes.values():
@@ -237,11 +242,12 @@ class LocalCluster:
             raise ClusterError(f"netns {ns} already exists; delete it with `ip netns del {ns}`")
         pod = PodHandle(name=name, namespace=namespace, node=node, netns=ns,
                         netns_path=f"/var/run/netns/{ns}", ip="",
-                        cgroup=cgroups.pod_cgroup_path(self.name, name),
+                        cgroup=cgroups.pod_cgroup_path(self.name, name, node),
                         container_id=f"{self.name}-{name}", uid=uid or str(uuid.uuid4()),
                         service_account=service_account, labels=dict(labels or {}))
         network = self.pod_network(node)
         pod.cni_network = network.to_conflist()
+        self._record_node_cgroup(self.pods_cgroup(node))
         with self._lock:
             self._state["pods"][name] = asdict(pod)
             self._record_netns(ns)
@@ -308,6 +314,25 @@ class LocalCluster:
         p = self._pod(pod)
         return self._start(p.name, p.cgroup, p.netns, argv, env)
 
+    def run_in_pod(self, pod: str | PodHandle, argv: list[str], *,
+                   timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run a short-lived command as one of the pod's applications (its cgroup and netns,
+        so every capture backend, cgroup-based eBPF included, sees it as the pod's)."""
+        p = self._pod(pod)
+        return cgroups.run_in_pod(p.cgroup, p.netns, argv, env=_python_env(), timeout=timeout)
+
+    def probe(self, pod: str | PodHandle, host: str, port: int,
+              timeout: float = 5.0) -> ProbeResult:
+        """``tcp_probe`` from inside the pod, as its application."""
+        cp = self.run_in_pod(pod, [sys.executable, "-m", "ambient.cluster.echo", "probe",
+                                   "--host", host, "--port", str(port), "--timeout",
+                                   str(timeout)], timeout=timeout + 30)
+        try:
+            d = json.loads(cp.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return ProbeResult(False, error=f"probe failed: {cp.stderr.strip()[-500:]}")
+        return ProbeResult(bool(d["ok"]), d["greeting"], d["echoed"].encode(), d["error"])
+
     def start_echo(self, pod: str | PodHandle, tcp_port: int = 8080, http_port: int = 8081,
                    timeout: float = 15.0) -> cgroups.PodProcess:
         """Start the echo app in the pod and wait until it listens on ``tcp_port``."""
@@ -328,13 +353,41 @@ class LocalCluster:
         ``<cgroup2>/ambient/<cluster>/_node_<node>``.  Stopped by destroy()."""
         h = self.nodes[node]
         cg = os.path.join(self.cgroup_base, f"_node_{node}")
+        self._record_node_cgroup(cg)
+        cgroups.create_cgroup(cg)
+        return self._start(f"_node_{node}", cg, h.netns, argv, env)
+
+    def own_path(self, path: str) -> str:
+        """Record a file or directory the cluster's processes create outside ``run_dir``
+        (e.g. an eBPF pin directory), so destroy removes it, also after a crash."""
+        with self._lock:
+            self._state.setdefault("owned_paths", [])
+            if path not in self._state["owned_paths"]:
+                self._state["owned_paths"].append(path)
+                self._save()
+        return path
+
+    def pods_cgroup(self, node: str) -> str:
+        """The cgroup holding every pod of ``node`` (created with the first pod)."""
+        return os.path.join(self.cgroup_base, f"pods-{node}")
+
+    def _record_node_cgroup(self, cg: str) -> None:
         with self._lock:
             self._state.setdefault("node_cgroups", [])
             if cg not in self._state["node_cgroups"]:
                 self._state["node_cgroups"].append(cg)
                 self._save()
+
+    def start_cluster_process(self, owner: str, argv: list[str], *,
+                              env: dict[str, str] | None = None) -> cgroups.PodProcess:
+        """Start a cluster-wide process (the control plane) in the underlay netns, reachable
+        from every node at CLUSTER_SERVICES_IP; cgroup ``<base>/_<owner>``.  Stopped by
+        destroy()."""
+        _check_name("process owner", owner)
+        cg = os.path.join(self.cgroup_base, f"_{owner}")
+        self._record_node_cgroup(cg)
         cgroups.create_cgroup(cg)
-        return self._start(f"_node_{node}", cg, h.netns, argv, env)
+        return self._start(f"_{owner}", cg, self.underlay, argv, env)
 
     def stop_process(self, proc: cgroups.PodProcess) -> None:
         cgroups.stop_process(proc)
@@ -429,6 +482,13 @@ def _attempt(errors: list[str], what: str, fn: Callable[..., object], *args: Any
         errors.append(f"{what}: {exc}")
 
 
+def _remove_path(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
 def _owner_alive(st: dict[str, Any]) -> bool:
     pid, start = st.get("owner_pid"), st.get("owner_start")
     if not pid or start is None:
@@ -469,6 +529,8 @@ def destroy_from_state(run_dir: str, keep_logs: bool = False) -> list[str]:
                 rt.delete(loopback_network(), pod["container_id"], pod["netns_path"], None, "lo")
             _attempt(errors, f"CNI DEL {pod.get('name')}", cni_del)
         _attempt(errors, f"cgroup {pod.get('cgroup')}", cgroups.remove_cgroup, pod["cgroup"])
+    for path in st.get("owned_paths", []):
+        _attempt(errors, f"remove {path}", _remove_path, path)
     for cg in st.get("node_cgroups", []):
         _attempt(errors, f"cgroup {cg}", cgroups.remove_cgroup, cg)
     for ns in reversed(st.get("netns", [])):

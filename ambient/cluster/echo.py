@@ -124,7 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--http", type=int, default=8081)
     sp.add_argument("--name", default=os.uname().nodename)
     sp.add_argument("--host", default="0.0.0.0")
+    pp = sub.add_parser("probe", help="connect to an echo server as a pod's application "
+                                       "would, print the result as JSON")
+    pp.add_argument("--host", required=True)
+    pp.add_argument("--port", type=int, default=8080)
+    pp.add_argument("--timeout", type=float, default=5.0)
     args = ap.parse_args(argv)
+    if args.cmd == "probe":
+        r = tcp_probe(None, args.host, args.port, timeout=args.timeout)
+        print(json.dumps({"ok": r.ok, "greeting": r.greeting,
+                          "echoed": r.echoed.decode(errors="replace"), "error": r.error}))
+        return 0
     asyncio.run(serve(args.name, args.tcp, args.http, args.host))
     return 0
 
@@ -151,10 +161,13 @@ class ProbeResult:
         return (m["ip"], int(m["port"])) if m else None
 
 
-def _connect(netns: NetnsRef, host: str, port: int, timeout: float,
+def _connect(netns: NetnsRef | None, host: str, port: int, timeout: float,
              mark: int | None) -> socket.socket:
-    target = netns if isinstance(netns, int) else netns_path(netns)
-    s = socket_in_netns(target, socket.AF_INET, socket.SOCK_STREAM)
+    if netns is None:  # this process's own netns (a probe running inside the pod)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    else:
+        target = netns if isinstance(netns, int) else netns_path(netns)
+        s = socket_in_netns(target, socket.AF_INET, socket.SOCK_STREAM)
     try:
         if mark is not None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
@@ -178,7 +191,7 @@ def _read_line(s: socket.socket, deadline: float, limit: int = 4096) -> tuple[st
     return line.decode(errors="replace"), rest
 
 
-def tcp_probe(netns: NetnsRef, host: str, port: int, payload: bytes = b"ping\n",
+def tcp_probe(netns: NetnsRef | None, host: str, port: int, payload: bytes = b"ping\n",
               timeout: float = 5.0, mark: int | None = None) -> ProbeResult:
     """Connect from inside ``netns`` to the echo server, check greeting and echo.
 

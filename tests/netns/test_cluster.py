@@ -93,8 +93,10 @@ def test_apps_live_in_pod_cgroup_and_netns(cluster):
         assert proc.pid in cgroups.cgroup_pids(proc.cgroup)
         pod = next(p for p in cluster.pods.values() if p.cgroup == proc.cgroup)
         assert os.stat(f"/proc/{proc.pid}/ns/net").st_ino == os.stat(pod.netns_path).st_ino
-    assert cluster.pods["a1"].cgroup == os.path.join(cgroups.cgroup2_mount(), "ambient",
-                                                     cluster.name, "a1")
+    a1 = cluster.pods["a1"]
+    assert a1.cgroup == os.path.join(cgroups.cgroup2_mount(), "ambient", cluster.name,
+                                     f"pods-{a1.node}", "a1")
+    assert os.path.dirname(a1.cgroup) == cluster.pods_cgroup(a1.node)
 
 
 def test_cni_check_passes(cluster):
