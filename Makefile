@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PROTOS := $(shell find ambient/api -name '*.proto' 2>/dev/null)
 
-.PHONY: bootstrap demo test proto lint down clean
+.PHONY: bootstrap demo test proto lint down clean bench-controlplane
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -21,6 +21,10 @@ test: bootstrap
 # checks that the committed output matches the sources).
 proto: bootstrap
 	$(PY) -m ambient.api.generate
+
+# Control-plane translation at 10k pods / 1k services; writes perf/results/controlplane.json.
+bench-controlplane: bootstrap
+	$(PY) perf/bench_controlplane.py
 
 lint: bootstrap
 	$(PY) -m ruff check .

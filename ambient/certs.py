@@ -10,6 +10,12 @@ and a rotation only changes what *new* handshakes use.
 
 Time comes from an injected clock; ``refresh_due()`` runs one rotation pass, so tests can drive
 rotation deterministically without sleeping.
+
+Providers: ``LocalCaProvider`` signs in-process (FAKE_CA / local mode); ``GrpcCaProvider`` asks
+the mesh CA over ``istio.v1.auth.IstioCertificateService/CreateCertificate`` like ztunnel: a
+fresh ECDSA P-256 key and CSR per fetch, ``ImpersonatedIdentity`` request metadata, the bearer
+token re-read from its file on every call (projected tokens rotate), the ``clusterid`` header,
+and the returned chain (leaf first, root last) verified before it is used.
 """
 
 from __future__ import annotations
@@ -18,23 +24,40 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
+import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from google.protobuf import struct_pb2
 
 from . import tls
-from .ca import DEFAULT_TTL, CertificateAuthority, WorkloadCertificate, split_pem
+from .api.istio.v1.auth import ca_pb2, ca_pb2_grpc
+from .ca import (
+    DEFAULT_TTL,
+    CaError,
+    CertificateAuthority,
+    WorkloadCertificate,
+    generate_key,
+    make_csr,
+    split_pem,
+    workload_certificate_from_chain,
+)
 from .identity import SpiffeId
 
 __all__ = [
     "CertificateError",
     "CertificateManager",
     "CertificateProvider",
+    "GrpcCaProvider",
     "LocalCaProvider",
     "utcnow",
+    "verify_chain",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +89,144 @@ class LocalCaProvider:
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
         # Key generation and signing take ~1 ms; not worth a thread hop.
         return self.ca.issue(identity, self.ttl)
+
+
+class GrpcCaProvider:
+    """Fetches certificates from the mesh CA (istiod or our control plane) over gRPC.
+
+    ``root_ca_pem`` is the CA server's TLS root (``CA_ROOT_CA``); ``None`` means plaintext
+    (tests, the local mesh's loopback CA).  ``token_path`` (``AUTH_TOKEN``) is read on every
+    call; ``None`` sends no token.  ``headers`` are extra metadata (``CA_HEADER_*``).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        root_ca_pem: bytes | None,
+        token_path: str | None,
+        cluster_id: str = "Kubernetes",
+        *,
+        ttl: timedelta = DEFAULT_TTL,
+        alt_hostname: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        impersonate: bool = True,
+        timeout: timedelta = timedelta(seconds=10),
+    ) -> None:
+        self.address = address
+        self._root_ca_pem = root_ca_pem
+        self._token_path = token_path
+        self._cluster_id = cluster_id
+        self._ttl = ttl
+        self._alt_hostname = alt_hostname
+        self._headers = dict(headers or {})
+        self._impersonate = impersonate
+        self._timeout = timeout.total_seconds()
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: ca_pb2_grpc.IstioCertificateServiceStub | None = None
+
+    def _get_stub(self) -> ca_pb2_grpc.IstioCertificateServiceStub:
+        if self._stub is None:
+            options: list[tuple[str, Any]] = [
+                # Reconnect quickly once the CA is back; CertificateManager owns the backoff.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 5000),
+            ]
+            if self._root_ca_pem is None:
+                self._channel = grpc.aio.insecure_channel(self.address, options=options)
+            else:
+                if self._alt_hostname:
+                    options.append(("grpc.ssl_target_name_override", self._alt_hostname))
+                creds = grpc.ssl_channel_credentials(root_certificates=self._root_ca_pem or None)
+                self._channel = grpc.aio.secure_channel(self.address, creds, options=options)
+            self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)
+        return self._stub
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        md = [("clusterid", self._cluster_id)]
+        md += [(k.lower(), v) for k, v in self._headers.items()]
+        if self._token_path is not None:
+            try:
+                token = Path(self._token_path).read_text().strip()
+            except OSError as exc:
+                raise CertificateError(
+                    f"cannot read the CA token from {self._token_path}: {exc}; is the projected "
+                    "service account token (audience istio-ca) mounted there (AUTH_TOKEN)?"
+                ) from exc
+            md.append(("authorization", f"Bearer {token}"))
+        return md
+
+    async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
+        key = generate_key()
+        request = ca_pb2.IstioCertificateRequest(
+            csr=make_csr(identity, key).decode(),
+            validity_duration=int(self._ttl.total_seconds()),
+        )
+        if self._impersonate:
+            meta = struct_pb2.Struct()
+            meta["ImpersonatedIdentity"] = str(identity)
+            request.metadata.CopyFrom(meta)
+        try:
+            response = await self._get_stub().CreateCertificate(
+                request, metadata=self._metadata(), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise CertificateError(
+                f"the CA at {self.address} answered {exc.code().name}: {exc.details()}"
+            ) from exc
+        key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        try:
+            cert = workload_certificate_from_chain(identity, key_pem, list(response.cert_chain))
+        except CaError as exc:
+            raise CertificateError(f"the CA at {self.address} sent an unusable chain: {exc}") \
+                from exc
+        verify_chain(cert)
+        return cert
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = None
+        self._stub = None
+
+
+def verify_chain(cert: WorkloadCertificate, now: datetime | None = None) -> None:
+    """Check that the leaf chains to one of the roots and every link is valid now.
+
+    Raises ``CertificateError`` naming the broken link (a CA answering with a chain from
+    another PKI, or an expired intermediate, is caught here rather than at the first handshake).
+    """
+    now = now or utcnow()
+    try:
+        chain = [x509.load_pem_x509_certificate(p) for p in cert.chain_pem]
+        roots = [x509.load_pem_x509_certificate(p) for p in split_pem(cert.roots_pem)]
+    except ValueError as exc:
+        raise CertificateError(f"certificate chain for {cert.identity} does not parse: {exc}") \
+            from exc
+    for c in chain:
+        if not c.not_valid_before_utc - timedelta(minutes=5) <= now < c.not_valid_after_utc:
+            raise CertificateError(
+                f"certificate {c.subject.rfc4514_string() or cert.identity} in the chain for "
+                f"{cert.identity} is not valid now (valid {c.not_valid_before_utc.isoformat()} "
+                f"to {c.not_valid_after_utc.isoformat()}); check the clocks and the CA")
+    for child, parent in zip(chain, chain[1:], strict=False):
+        if not _signed_by(child, parent):
+            raise CertificateError(f"the chain for {cert.identity} is out of order: a "
+                                   "certificate is not signed by the next one")
+    if not any(_signed_by(chain[-1], root) for root in roots):
+        raise CertificateError(f"the chain for {cert.identity} does not lead to any of the "
+                               f"{len(roots)} root(s) the CA sent")
+
+
+def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    if child == parent:
+        return True
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 @dataclass

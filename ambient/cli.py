@@ -26,10 +26,17 @@ def _parser() -> argparse.ArgumentParser:
                       help="leave the cluster running; remove it later with `ambientctl down`")
     demo.add_argument("--name", default="ambdemo", help="cluster name (default: %(default)s)")
     demo.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    demo.add_argument("--capture", choices=["auto", "iptables", "nftables", "ebpf"],
+                      default="auto", help="capture backend of the CNI agents (default: eBPF "
+                      "where the kernel supports it, else iptables)")
     down = sub.add_parser("down", help="remove a local cluster left by `demo --keep` or a crash")
     down.add_argument("--name", default=None, help="cluster name (default: all under --run-dir)")
     down.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     sub.add_parser("version", help="print the version")
+    from controlplane.main import add_arguments as controlplane_arguments
+
+    controlplane_arguments(sub.add_parser(
+        "controlplane", help="run the control plane (xDS server) from a manifests directory"))
     return p
 
 
@@ -41,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from ambient.cluster.demo import run_demo
 
-        return run_demo(args.manifests, name=args.name, run_dir=args.run_dir, keep=args.keep)
+        return run_demo(args.manifests, name=args.name, run_dir=args.run_dir, keep=args.keep,
+                        capture=args.capture)
+    if args.command == "controlplane":
+        from controlplane.main import run_from_args
+
+        return run_from_args(args)
     if args.command == "down":
         from ambient.cluster.demo import down
 

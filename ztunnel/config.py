@@ -20,6 +20,43 @@ class SettingsError(ValueError):
     """An environment variable holds a value ztunnel cannot use."""
 
 
+DEFAULT_XDS_ROOT_CA = "./var/run/secrets/istio/root-cert.pem"
+_HEADER_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def parse_xds_address(raw: str) -> tuple[str, bool]:
+    """``XDS_ADDRESS`` -> (``host:port`` target, plaintext?).  ``http://`` means plaintext;
+    ``https://`` or no scheme means TLS.  SettingsError names the accepted forms."""
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        scheme, rest = "https", raw
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if scheme not in ("http", "https") or not colon or not host or not (
+        port.isascii() and port.isdigit() and 0 < int(port) < 65536
+    ):
+        raise SettingsError(f"XDS_ADDRESS={raw!r}: expected https://host:port, http://host:port "
+                            "(plaintext) or host:port, for example https://istiod.istio-system"
+                            ".svc:15012")
+    return f"{host}:{port}", scheme == "http"
+
+
+def _prefixed(env: Mapping[str, str], prefix: str) -> dict[str, str]:
+    return {k[len(prefix):]: v for k, v in sorted(env.items()) if k.startswith(prefix)}
+
+
+def _xds_headers(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for key, value in _prefixed(env, "XDS_HEADER_").items():
+        name = key.lower()
+        if not name or not set(name) <= _HEADER_CHARS or name.startswith("grpc-"):
+            raise SettingsError(f"XDS_HEADER_{key}: {name!r} is not a usable gRPC metadata key "
+                                "(letters, digits, '-', '_', '.'; not grpc-*)")
+        if not value.isascii() or not value.isprintable():
+            raise SettingsError(f"XDS_HEADER_{key}: the value must be printable ASCII")
+        out.append((name, value))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Settings:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
@@ -33,12 +70,22 @@ class Settings:
     local_xds_path: str | None = None
     local_xds: str | None = None
     local_manifests_path: str | None = None
+    # xDS client (XDS_ADDRESS; ztunnel/xds_client.py); mutually exclusive with local sources.
+    xds_address: str | None = None
+    xds_root_ca: str = DEFAULT_XDS_ROOT_CA  # a file, "SYSTEM", or inline PEM
+    alt_xds_hostname: str | None = None
+    auth_token: str | None = None  # a token file (re-read at each connect), or the token
+    xds_headers: tuple[tuple[str, str], ...] = ()
+    instance_ip: str = "1.1.1.1"  # ztunnel's placeholder when INSTANCE_IP is unset
     # Certificates: FAKE_CA / local mode signs with a CA directory on disk.
     fake_ca: bool = False
     ca_dir: str | None = None
     secret_ttl_s: float = 24 * 3600
     # In-pod mode.
     inpod_pods_path: str | None = None
+    # ZDS socket (INPOD_UDS) served by the CNI node agent; pods then arrive over ZDS.  Unset
+    # here means "no agent"; Istio's ztunnel defaults it to /var/run/ztunnel/ztunnel.sock.
+    inpod_uds: str | None = None
     packet_mark: int = 1337
     inpod_port_reuse: bool = True
     enable_orig_src: bool = True
@@ -145,11 +192,14 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
                               ("LOCAL_MANIFESTS_PATH", manifests)) if v]
     if len(sources) > 1:
         raise SettingsError(f"{' and '.join(sources)} are mutually exclusive: set only one")
-    if not sources and env.get("XDS_ADDRESS"):
+    xds_address = env.get("XDS_ADDRESS") or None
+    if sources and xds_address:
         raise SettingsError(
-            "XDS_ADDRESS is set but the xDS client is not built in this release; "
-            "use LOCAL_XDS_PATH or LOCAL_MANIFESTS_PATH"
+            f"XDS_ADDRESS and {sources[0]} are mutually exclusive: configuration comes either "
+            "from the control plane or from a local file; set only one"
         )
+    if xds_address:
+        parse_xds_address(xds_address)
     fake_ca = _bool(env, "FAKE_CA", False)
     ca_dir = env.get("CA_DIR") or None
     if env.get("CA_ADDRESS") and not (fake_ca or ca_dir):
@@ -159,6 +209,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         )
     if fake_ca and not ca_dir:
         raise SettingsError("FAKE_CA=true needs CA_DIR=<directory with ca-cert.pem, ca-key.pem>")
+    inpod_pods_path = env.get("INPOD_PODS_PATH") or None
+    inpod_uds = env.get("INPOD_UDS") or None
+    if inpod_pods_path and inpod_uds:
+        raise SettingsError(
+            "INPOD_PODS_PATH and INPOD_UDS are mutually exclusive: pods come either from a "
+            "file (local mode) or from the CNI node agent over ZDS; set only one"
+        )
     level = env.get("RUST_LOG") or env.get("LOG_LEVEL") or "info"
     fmt = (env.get("LOG_FORMAT") or "plain").lower()
     if fmt not in ("plain", "json"):
@@ -174,10 +231,17 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         local_xds_path=local_xds_path,
         local_xds=local_xds,
         local_manifests_path=manifests,
+        xds_address=xds_address,
+        xds_root_ca=env.get("XDS_ROOT_CA") or DEFAULT_XDS_ROOT_CA,
+        alt_xds_hostname=env.get("ALT_XDS_HOSTNAME") or None,
+        auth_token=env.get("AUTH_TOKEN") or None,
+        xds_headers=_xds_headers(env),
+        instance_ip=env.get("INSTANCE_IP") or "1.1.1.1",
         fake_ca=fake_ca or bool(ca_dir),
         ca_dir=ca_dir,
         secret_ttl_s=_number(env, "SECRET_TTL", 24 * 3600, minimum=1),
-        inpod_pods_path=env.get("INPOD_PODS_PATH") or None,
+        inpod_pods_path=inpod_pods_path,
+        inpod_uds=inpod_uds,
         packet_mark=_int(env, "PACKET_MARK", 1337, minimum=1),
         inpod_port_reuse=_bool(env, "INPOD_PORT_REUSE", True),
         enable_orig_src=_bool(env, "ENABLE_ORIG_SRC", True),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from datetime import timedelta
@@ -23,22 +24,29 @@ from ambient.store import MeshStore
 from ztunnel.accesslog import configure_logging
 from ztunnel.admin import AdminServer, Readiness, ReadinessServer, StatsServer
 from ztunnel.config import Settings, SettingsError, from_env
+from ztunnel.inpod import WorkloadProxyManager
 from ztunnel.metrics import Metrics
 from ztunnel.proxy import Ztunnel
 from ztunnel.result import ConnectionTracker
 from ztunnel.sources import ConfigWatcher, PodEntry, PodsWatcher
+from ztunnel.xds_client import XdsClient
 
 log = logging.getLogger("ztunnel")
 
 
-def config_dump(zt: Ztunnel) -> dict[str, Any]:
+def config_dump(zt: Ztunnel, inpod: WorkloadProxyManager | None = None) -> dict[str, Any]:
     dump = zt.store.dump()
     dump["certificates"] = zt.certs.dump()
     dump["workloadState"] = {
         uid: {"info": {"name": p.name, "namespace": p.namespace}, "state": "Up"}
         for uid, p in zt.pods.items()
     }
+    if inpod is not None:  # ZDS knows service accounts and pods whose listeners are pending
+        dump["workloadState"].update(inpod.workload_state())
     dump["config"] = {k: v for k, v in dataclasses.asdict(zt.settings).items() if k != "extra"}
+    token = zt.settings.auth_token
+    if token and not os.path.exists(token):  # a literal token, not a path: never show it
+        dump["config"]["auth_token"] = "<redacted>"
     dump["version"] = __version__
     return dump
 
@@ -63,8 +71,12 @@ async def run(settings: Settings) -> int:
     certs.start()
     zt = Ztunnel(settings, store, certs, metrics, tracker)
     stop = asyncio.Event()
+    inpod = None
+    if settings.inpod_uds:
+        # Readiness "workload proxy manager" waits for the agent's first complete snapshot.
+        inpod = WorkloadProxyManager(zt, settings.inpod_uds, on_ready=pods_ready.done)
 
-    admin = AdminServer(config_dump=lambda: config_dump(zt), shutdown=stop.set,
+    admin = AdminServer(config_dump=lambda: config_dump(zt, inpod), shutdown=stop.set,
                         connections=tracker)
     stats = StatsServer(metrics)
     ready_srv = ReadinessServer(readiness)
@@ -73,10 +85,14 @@ async def run(settings: Settings) -> int:
     await ready_srv.start(*settings.readiness_addr)
 
     watcher = ConfigWatcher(settings, store)
-    watcher.load_once()
-    if watcher.last_error is None:
-        state_ready.done()
-    tasks = [asyncio.create_task(watcher.run())]
+    if settings.xds_address:  # "state manager" is done once both types are ACKed
+        xds = XdsClient.from_settings(settings, store, on_synced=state_ready.done)
+        tasks = [asyncio.create_task(xds.run())]
+    else:
+        watcher.load_once()
+        if watcher.last_error is None:
+            state_ready.done()
+        tasks = [asyncio.create_task(watcher.run())]
 
     async def add(p: PodEntry) -> None:
         await zt.add_pod(p.uid, p.name, p.namespace, p.netns, workload_uid=p.workload_uid)
@@ -85,14 +101,18 @@ async def run(settings: Settings) -> int:
         pods = PodsWatcher(settings.inpod_pods_path, add, zt.del_pod)
         await pods.sync()
         tasks.append(asyncio.create_task(pods.run()))
-    pods_ready.done()
+    if inpod is not None:
+        tasks.append(asyncio.create_task(inpod.run()))
+    else:
+        pods_ready.done()
 
     async def mark_ready_later() -> None:
         while watcher.last_error is not None:
             await asyncio.sleep(0.5)
         state_ready.done()
 
-    tasks.append(asyncio.create_task(mark_ready_later()))
+    if not settings.xds_address:
+        tasks.append(asyncio.create_task(mark_ready_later()))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class PodProxy:
     namespace: str
     netns: str | int
     workload_uid: str | None = None
+    own_netns: bool = False  # ``netns`` is an fd this pod closes when it stops (ZDS)
     servers: list[asyncio.Server] = field(default_factory=list)
     accept_task: asyncio.Task[None] | None = None
     hbone_listener: socket.socket | None = None
@@ -111,11 +113,16 @@ class Ztunnel:
         netns: str | int,
         *,
         workload_uid: str | None = None,
+        own_netns: bool = False,
     ) -> PodProxy:
-        """Start serving a pod: open its three listeners inside ``netns``."""
+        """Start serving a pod: open its three listeners inside ``netns``.
+
+        With ``own_netns`` the pod takes ownership of the netns fd: it stays open while the
+        pod is served (dials use it) and is closed when the pod stops, or here if the add fails.
+        """
         if uid in self.pods:
             await self.del_pod(uid)
-        pod = PodProxy(uid, name, namespace, netns, workload_uid)
+        pod = PodProxy(uid, name, namespace, netns, workload_uid, own_netns)
         mark = self.settings.packet_mark
         reuse = self.settings.inpod_port_reuse
         try:
@@ -173,6 +180,9 @@ class Ztunnel:
             await asyncio.gather(*tasks, return_exceptions=True)
         if pod.pool is not None:
             await pod.pool.close()
+        if pod.own_netns and isinstance(pod.netns, int) and pod.netns >= 0:
+            fd, pod.netns = pod.netns, -1
+            os.close(fd)
 
     def _close_listeners(self, pod: PodProxy) -> None:
         for srv in pod.servers:

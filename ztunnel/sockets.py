@@ -12,6 +12,7 @@ import ipaddress
 import socket
 import struct
 
+from ambient.bpfmap import OrigDstMap, netns_cookie
 from ambient.netns import socket_in_netns
 
 SO_ORIGINAL_DST = 80
@@ -19,11 +20,64 @@ IP_TRANSPARENT = 19
 IP_FREEBIND = 15
 
 
-def original_dst(sock: socket.socket) -> tuple[str, int]:
-    """The pre-REDIRECT destination of an accepted IPv4 socket (SO_ORIGINAL_DST)."""
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    port, packed = struct.unpack_from("!2xH4s", raw)
-    return socket.inet_ntoa(packed), port
+def original_dst(
+    sock: socket.socket, *, listen_port: int | None = None, origdst_map: OrigDstMap | None = None
+) -> tuple[str, int]:
+    """The original destination of an accepted, captured IPv4 socket.
+
+    netfilter capture (REDIRECT): ``SO_ORIGINAL_DST``.  eBPF capture (no conntrack entry):
+    outbound, the pinned ``amb_origdst`` map keyed by (netns cookie, peer address); inbound
+    (sk_assign/TPROXY), the socket's own local address when it is not the listener's port
+    (``listen_port``; unknown: any ztunnel capture port).  Raises OSError when none applies.
+    """
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError as exc:
+        nf_error = exc
+    else:
+        port, packed = struct.unpack_from("!2xH4s", raw)
+        return socket.inet_ntoa(packed), port
+    bpf_map = origdst_map if origdst_map is not None else _ORIGDST_MAP
+    mapped = None
+    if bpf_map.available():
+        try:
+            peer = sock.getpeername()
+            mapped = bpf_map.lookup(netns_cookie(sock), (peer[0], peer[1]))
+        except OSError:
+            mapped = None
+    local = sock.getsockname()
+    found = fallback_original_dst(mapped, (local[0], local[1]), listen_port)
+    if found is None:
+        raise nf_error
+    return found
+
+
+CAPTURE_LISTEN_PORTS = (15001, 15006)
+_ORIGDST_MAP = OrigDstMap()
+
+
+def use_bpf_pin_dir(pin_dir: str) -> None:
+    """Read the eBPF capture's pinned maps from ``pin_dir`` (default /sys/fs/bpf/ambient)."""
+    global _ORIGDST_MAP
+    _ORIGDST_MAP.close()
+    _ORIGDST_MAP = OrigDstMap(pin_dir)
+
+
+def fallback_original_dst(
+    mapped: tuple[str, int] | None, local: tuple[str, int], listen_port: int | None
+) -> tuple[str, int] | None:
+    """Decide the original destination when SO_ORIGINAL_DST is unavailable.  Pure.
+
+    A map entry wins (eBPF outbound capture).  Otherwise a local address whose port is not
+    the listener's is the destination the client asked for (eBPF inbound / TPROXY);  a local
+    address on the listener's own port says nothing.
+    """
+    if mapped is not None:
+        return mapped
+    ports = CAPTURE_LISTEN_PORTS if listen_port is None else (listen_port,)
+    if local[1] in ports:
+        return None
+    return local
 
 
 def _family(ip: str) -> socket.AddressFamily:

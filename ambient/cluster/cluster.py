@@ -348,14 +348,15 @@ class LocalCluster:
         return proc
 
     def start_node_process(self, node: str, argv: list[str], *,
-                           env: dict[str, str] | None = None) -> cgroups.PodProcess:
+                           env: dict[str, str] | None = None,
+                           log_name: str | None = None) -> cgroups.PodProcess:
         """Start a node-level process (node agent, ztunnel) in the node netns, in the cgroup
         ``<cgroup2>/ambient/<cluster>/_node_<node>``.  Stopped by destroy()."""
         h = self.nodes[node]
         cg = os.path.join(self.cgroup_base, f"_node_{node}")
         self._record_node_cgroup(cg)
         cgroups.create_cgroup(cg)
-        return self._start(f"_node_{node}", cg, h.netns, argv, env)
+        return self._start(f"_node_{node}", cg, h.netns, argv, env, log_name)
 
     def own_path(self, path: str) -> str:
         """Record a file or directory the cluster's processes create outside ``run_dir``
@@ -394,9 +395,10 @@ class LocalCluster:
         self._forget_process(proc)
 
     def _start(self, owner: str, cg: str, netns: str, argv: list[str],
-               env: dict[str, str] | None) -> cgroups.PodProcess:
+               env: dict[str, str] | None, log_name: str | None = None) -> cgroups.PodProcess:
         os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)
-        proc = cgroups.start_in_pod(cg, netns, argv, env=env, log_path=self._log_path(owner))
+        proc = cgroups.start_in_pod(cg, netns, argv, env=env,
+                                    log_path=self._log_path(log_name or owner))
         with self._lock:
             self.processes.append(proc)
             self._proc_owner[proc.pid] = owner

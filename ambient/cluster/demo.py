@@ -7,6 +7,7 @@ The demo prints a verdict per scenario and exits non-zero if any misbehaved.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from ambient.cluster.cluster import destroy_from_state, sweep_stale
-from ambient.cluster.echo import ProbeResult, tcp_probe
+from ambient.cluster.echo import ProbeResult
 from ambient.cluster.mesh import LocalMesh, MeshError, ensure_root, remove_run_dir
 
 SPIFFE = "spiffe://cluster.local/ns/{ns}/sa/{sa}"
@@ -55,8 +56,11 @@ def _wait_metric(mesh: LocalMesh, node: str, before: float, labels: dict[str, st
     return value
 
 
-def probe(mesh: LocalMesh, src: str, dst_ip: str, port: int) -> ProbeResult:
-    return tcp_probe(mesh.pods[src].netns, dst_ip, port, payload=b"hello mesh\n", timeout=5)
+def probe(mesh: LocalMesh, src: str, dst_ip: str, port: int, timeout: float = 5) -> ProbeResult:
+    """A connection made by one of ``src``'s applications (in its cgroup and netns, so every
+    capture backend sees it as the pod's traffic)."""
+    assert mesh.cluster is not None
+    return mesh.cluster.probe(mesh.pods[src], dst_ip, port, timeout=timeout)
 
 
 def _mtls(mesh: LocalMesh, title: str, src: str, dst: str) -> Scenario:
@@ -151,10 +155,78 @@ def passthrough_to_unenrolled(mesh: LocalMesh) -> Scenario:
                     f"it through without mTLS: {after > before}")
 
 
+def _wait_captured(mesh: LocalMesh, key: str, want: bool, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        mesh.refresh_enrolled()
+        if (key in mesh.enrolled) == want:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def late_enrollment(mesh: LocalMesh) -> Scenario:
+    web = mesh.pods["legacy/web"]
+    mesh.set_labels("Pod", "legacy", "web", {"istio.io/dataplane-mode": "ambient"})
+    captured = _wait_captured(mesh, "legacy/web", True)
+    labels = {"reporter": "destination", "destination_workload": "web",
+              "connection_security_policy": "mutual_tls"}
+    before = _opened(mesh, web.node, labels)
+    r = probe(mesh, "shop/frontend", web.ip, 8080)
+    after = _wait_metric(mesh, web.node, before, labels)
+    ok = captured and r.ok and after > before
+    return Scenario("late enrollment: labelling a running pod puts it in the mesh", ok,
+                    f"kubectl label pod legacy/web istio.io/dataplane-mode=ambient: captured "
+                    f"by the agent: {captured}; frontend -> web now over mTLS: {after > before}"
+                    + ("" if r.ok else f"; {r.error}"))
+
+
+def unenrollment(mesh: LocalMesh) -> Scenario:
+    web = mesh.pods["legacy/web"]
+    mesh.set_labels("Pod", "legacy", "web", {"istio.io/dataplane-mode": None})
+    released = _wait_captured(mesh, "legacy/web", False)
+    before = _opened(mesh, web.node, {"destination_workload": "web", "reporter": "destination"})
+    r = probe(mesh, "legacy/client", web.ip, 8080)
+    after = _opened(mesh, web.node, {"destination_workload": "web", "reporter": "destination"})
+    ok = released and r.ok and after == before
+    return Scenario("un-enrollment: removing the label releases the running pod", ok,
+                    f"label removed: released by the agent: {released}; legacy/client -> web "
+                    f"answered without any ztunnel: {r.ok and after == before}"
+                    + ("" if r.ok else f"; {r.error}"))
+
+
+def ztunnel_restart(mesh: LocalMesh) -> Scenario:
+    """New connections keep succeeding while node-a's ztunnel is replaced."""
+    fe, be = mesh.pods["shop/frontend"], mesh.pods["shop/backend-1"]
+    results: list[ProbeResult] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline and len(results) < 500:
+            results.append(probe(mesh, "shop/frontend", be.ip, 8080))
+
+    t = threading.Thread(target=traffic, daemon=True)
+    t.start()
+    try:
+        time.sleep(1.0)
+        mesh.restart_ztunnel(fe.node)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    failed = [r for r in results if not r.ok]
+    ok = bool(results) and not failed
+    return Scenario("ztunnel rolling restart under traffic: no new connection fails", ok,
+                    f"{len(results)} connections frontend -> backend-1 while {fe.node}'s "
+                    f"ztunnel was replaced: {len(failed)} failed"
+                    + (f" ({failed[0].error})" if failed else ""))
+
+
 SCENARIOS: list[Callable[[LocalMesh], Scenario]] = [
     mtls_cross_node, mtls_same_node, service_vip, policy_allows_backend,
     policy_denies_frontend, strict_refuses_plaintext, unenrolled_bypass,
-    passthrough_to_unenrolled,
+    passthrough_to_unenrolled, late_enrollment, unenrollment, ztunnel_restart,
 ]
 
 
@@ -176,7 +248,8 @@ def show_metrics(mesh: LocalMesh) -> None:
               f"  {lines[0]}")
 
 
-def run_demo(manifests: Path, *, name: str, run_dir: Path, keep: bool) -> int:
+def run_demo(manifests: Path, *, name: str, run_dir: Path, keep: bool,
+             capture: str = "auto") -> int:
     try:
         ensure_root()
     except MeshError as e:
@@ -184,11 +257,11 @@ def run_demo(manifests: Path, *, name: str, run_dir: Path, keep: bool) -> int:
         return 1
     for stale, errors in sweep_stale(str(run_dir)).items():
         print(f"removed leftovers of a previous run in {stale}" + (f": {errors}" if errors else ""))
-    mesh = LocalMesh(manifests, name=name, run_root=run_dir)
+    mesh = LocalMesh(manifests, name=name, run_root=run_dir, capture=capture)
     results: list[Scenario] = []
     try:
         mesh.up()
-        print("\nscenarios:")
+        print(f"\nscenarios (capture backend: {mesh.backend}):")
         for fn in SCENARIOS:
             try:
                 sc = fn(mesh)
@@ -209,8 +282,9 @@ def run_demo(manifests: Path, *, name: str, run_dir: Path, keep: bool) -> int:
             if errors:
                 print(f"cleanup problems: {errors}")
     failed = [s for s in results if not s.passed]
-    print(f"\nverdict: {len(results) - len(failed)} of {len(results)} scenarios behaved as "
-          f"expected" + (f"; FAILED: {', '.join(s.title for s in failed)}" if failed else ""))
+    print(f"\nverdict ({mesh.backend or capture} capture): {len(results) - len(failed)} of "
+          f"{len(results)} scenarios behaved as expected"
+          + (f"; FAILED: {', '.join(s.title for s in failed)}" if failed else ""))
     return 1 if failed else 0
 
 

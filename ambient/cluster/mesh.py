@@ -1,11 +1,12 @@
-"""A local mesh: the cluster harness plus a ztunnel per node, built from a manifests file.
+"""A local mesh: the cluster harness plus a CNI agent and a ztunnel per node, from manifests.
 
-:class:`LocalMesh` reads Kubernetes manifests, creates one network namespace per node and
-per pod (networked by the CNI reference plugins), runs each pod's echo application in its
-own cgroup, installs the in-pod capture rules for pods enrolled in ambient, and starts one
-ztunnel per node in the node's namespace.  The control plane of this release is the
-manifests file itself: the harness fills in what Kubernetes would (pod IPs, readiness)
-and every ztunnel translates the same file into its mesh model.
+:class:`LocalMesh` reads Kubernetes manifests and builds what a real cluster would run: one
+network namespace per node, a CNI node agent and a ztunnel on each node (connected by ZDS),
+then every pod through CNI ADD with the reference plugins and our chained plugin, which asks
+the agent to capture enrolled pods (iptables, nftables or eBPF) and hand them to ztunnel.
+The harness plays the API server: it writes the cluster's objects, with pod IPs and status
+filled in, to ``<run_dir>/manifests.yaml``, which the agents (labels) and ztunnels (mesh
+configuration) watch.  Label changes there (``set_labels``) enroll or release running pods.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,14 +26,18 @@ from typing import Any
 import yaml
 
 from ambient.ca import CertificateAuthority
-from ambient.cluster.capture import apply_capture
 from ambient.cluster.cluster import LocalCluster, PodHandle
+from ambient.cluster.cni import CNI_PATH, CniError
 from ambient.cluster.echo import http_get
-from ambient.config.manifests import translate_manifests
-from ztunnel.sources import write_pods_file
+from cni.capture import default_backend_name
+from cni.capture.base import BACKENDS
+from cni.install import install_launcher
 
 log = logging.getLogger("ambient.mesh")
 ZTUNNEL_READY_TIMEOUT = 30.0
+AGENT_READY_PORT = 8000
+PLUGIN_TYPE = "ambient-cni"
+REPO = Path(__file__).resolve().parents[2]
 
 
 class MeshError(RuntimeError):
@@ -43,20 +49,30 @@ class LocalMesh:
     manifests: Path
     name: str = "ambdemo"
     run_root: Path = Path("/run/ambient")
+    capture: str = "auto"  # iptables | nftables | ebpf | auto (eBPF where the kernel allows)
     ztunnel_env: dict[str, str] = field(default_factory=dict)
     cluster: LocalCluster | None = None
     objects: list[dict[str, Any]] = field(default_factory=list)
     pods: dict[str, PodHandle] = field(default_factory=dict)  # "ns/name" -> handle
     enrolled: set[str] = field(default_factory=set)  # "ns/name"
     ztunnels: dict[str, Any] = field(default_factory=dict)  # node -> process
+    agents: dict[str, Any] = field(default_factory=dict)  # node -> process
+    ztunnel_slot: dict[str, int] = field(default_factory=dict)  # node -> port slot (0 or 1)
+    backend: str = ""  # the capture backend the agents use
 
     @property
     def run_dir(self) -> Path:
         return self.run_root / self.name
 
+    @property
+    def manifests_path(self) -> Path:
+        return self.run_dir / "manifests.yaml"
+
     # -- building -------------------------------------------------------------------------
 
     def up(self, progress: Any = print) -> LocalMesh:
+        """Build the cluster the way a real node does: node agent and ztunnel first, then
+        every pod through CNI ADD (reference plugins + our chained plugin)."""
         try:
             text = self.manifests.read_text(encoding="utf-8")
             self.objects = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
@@ -65,60 +81,159 @@ class LocalMesh:
         pod_objs = [o for o in self.objects if o.get("kind") == "Pod"]
         if not pod_objs:
             raise MeshError(f"{self.manifests} has no Pod objects: nothing to run")
+        for o in pod_objs:  # the API server would assign these
+            o.setdefault("metadata", {}).setdefault("uid", str(uuid.uuid4()))
         nodes = sorted({(o.get("spec") or {}).get("nodeName") or "node-a" for o in pod_objs})
-        progress(f"creating cluster {self.name}: nodes {', '.join(nodes)}")
+        self.backend = resolve_backend(self.capture)
+        progress(f"creating cluster {self.name}: nodes {', '.join(nodes)}; "
+                 f"capture backend: {self.backend}")
         self.cluster = LocalCluster(self.name, nodes, run_dir=str(self.run_dir))
+        bin_dir = self.run_dir / "cni-bin"
+        self.cluster.cni_path = f"{CNI_PATH}:{bin_dir}"
         self.cluster.create()
+        write_plugin_launcher(bin_dir)
+        self.write_manifests()
+        CertificateAuthority.generate().save_dir(self.run_dir / "ca")
+        for node in nodes:
+            self.start_agent(node)
+            self.start_ztunnel(node)
+        for node in nodes:
+            self.wait_ready(node)
+            progress(f"  node {node}: CNI agent ({self.backend}) and ztunnel are ready")
+            self.cluster.chain_by_node[node] = [{
+                "type": PLUGIN_TYPE, "name": PLUGIN_TYPE,
+                "cni_agent_run_dir": str(self.agent_dir(node)),
+                "exclude_namespaces": ["kube-system", "istio-system"],
+                "plugin_log_level": "info",
+            }]
         for o in pod_objs:
             meta, spec = o.get("metadata") or {}, o.get("spec") or {}
             ns = meta.get("namespace", "default")
-            pod = self.cluster.add_pod(
-                meta["name"], ns, spec.get("nodeName") or nodes[0],
-                service_account=spec.get("serviceAccountName", "default"),
-                labels=meta.get("labels") or {},
-            )
+            try:
+                pod = self.cluster.add_pod(
+                    meta["name"], ns, spec.get("nodeName") or nodes[0],
+                    service_account=spec.get("serviceAccountName", "default"),
+                    labels=meta.get("labels") or {}, uid=meta["uid"],
+                )
+            except CniError as e:
+                raise MeshError(f"CNI ADD of pod {ns}/{meta['name']} failed: {e}") from e
             self.pods[f"{ns}/{pod.name}"] = pod
             self.cluster.start_echo(pod)
-            progress(f"  pod {ns}/{pod.name}: {pod.ip} on {pod.node} (CNI bridge + host-local)")
-        manifests_path = self.run_dir / "manifests.yaml"
-        manifests_path.write_text(yaml.safe_dump_all(self._with_status()), encoding="utf-8")
-        tr = translate_manifests([copy.deepcopy(o) for o in self._with_status()])
-        if tr.errors:
-            raise MeshError("manifests rejected: " + "; ".join(tr.errors))
-        for _, res in tr.resources:
-            if res.DESCRIPTOR.name == "Address" and res.WhichOneof("type") == "workload":
-                w = res.workload
-                if w.tunnel_protocol == 1:  # HBONE
-                    self.enrolled.add(f"{w.namespace}/{w.name}")
+            progress(f"  pod {ns}/{pod.name}: {pod.ip} on {pod.node}")
+        self.write_manifests()
+        self.refresh_enrolled()
         for key in sorted(self.enrolled):
-            apply_capture(self.pods[key].netns)
-            progress(f"  captured {key} (in-pod redirection rules)")
-        ca_dir = self.run_dir / "ca"
-        CertificateAuthority.generate().save_dir(ca_dir)
-        for node in nodes:
-            pods_file = self.run_dir / f"pods-{node}.json"
-            write_pods_file(str(pods_file), [
-                {"uid": p.uid, "name": p.name, "namespace": p.namespace,
-                 "netns": p.netns_path, "workloadUid": f"Kubernetes//Pod/{p.namespace}/{p.name}"}
-                for key, p in self.pods.items() if p.node == node and key in self.enrolled
-            ])
-            env = {
-                "LOCAL_MANIFESTS_PATH": str(manifests_path),
-                "FAKE_CA": "true",
-                "CA_DIR": str(ca_dir),
-                "NODE_NAME": node,
-                "INPOD_PODS_PATH": str(pods_file),
-                "RUST_LOG": "info",
-                "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-                **self.ztunnel_env,
-            }
-            self.ztunnels[node] = self.cluster.start_node_process(
-                node, [sys.executable, "-m", "ztunnel"], env=env
-            )
-        for node in nodes:
-            self.wait_ready(node)
-            progress(f"  ztunnel on {node} is ready")
+            progress(f"  {key} is captured ({self.backend}) and served by its node's ztunnel")
+        self.wait_config()
         return self
+
+    def agent_dir(self, node: str) -> Path:
+        return self.run_dir / "nodes" / node / "cni-agent"
+
+    def zds_socket(self, node: str) -> Path:
+        return self.run_dir / "nodes" / node / "ztunnel.sock"
+
+    def start_agent(self, node: str) -> Any:
+        """Start (or restart) the node's CNI agent and wait until it answers /readyz."""
+        assert self.cluster is not None
+        argv = [sys.executable, "-m", "cni.agent_main", "run", "--node-name", node,
+                "--run-dir", str(self.agent_dir(node)), "--zds-socket", str(self.zds_socket(node)),
+                "--capture", self.backend, "--manifests", str(self.manifests_path),
+                "--ready-addr", f"127.0.0.1:{AGENT_READY_PORT}"]
+        if self.backend == "ebpf":
+            cg = self.cluster.pods_cgroup(node)
+            self.cluster._record_node_cgroup(cg)
+            os.makedirs(cg, exist_ok=True)
+            pins = self.cluster.own_path(f"/sys/fs/bpf/ambient/{self.name}-{node}")
+            argv += ["--cgroup", cg, "--bpf-pin-dir", pins]
+        self.agents[node] = self.cluster.start_node_process(node, argv, env=_env(),
+                                                            log_name=f"_agent_{node}")
+        self._wait_http(node, AGENT_READY_PORT, "/readyz", "CNI agent", self.agents[node],
+                        log=self.agent_log_path(node))
+        return self.agents[node]
+
+    def start_ztunnel(self, node: str, slot: int = 0) -> Any:
+        """Start a ztunnel on ``node`` whose admin ports use ``slot`` (0: 15000/15020/15021,
+        1: +100), so a second one can overlap with the first during a restart."""
+        assert self.cluster is not None
+        off = 100 * slot
+        env = {
+            "LOCAL_MANIFESTS_PATH": str(self.manifests_path),
+            "FAKE_CA": "true",
+            "CA_DIR": str(self.run_dir / "ca"),
+            "NODE_NAME": node,
+            "INPOD_UDS": str(self.zds_socket(node)),
+            "ADMIN_ADDR": f"127.0.0.1:{15000 + off}",
+            "STATS_ADDR": f"0.0.0.0:{15020 + off}",
+            "READINESS_ADDR": f"0.0.0.0:{15021 + off}",
+            "RUST_LOG": "info",
+            **_env(),
+            **self.ztunnel_env,
+        }
+        if self.backend == "ebpf":
+            env["BPF_PIN_DIR"] = f"/sys/fs/bpf/ambient/{self.name}-{node}"
+        proc = self.cluster.start_node_process(node, [sys.executable, "-m", "ztunnel"], env=env)
+        self.ztunnels[node] = proc
+        self.ztunnel_slot[node] = slot
+        return proc
+
+    def restart_ztunnel(self, node: str) -> None:
+        """A rolling restart: the new ztunnel gets the snapshot and binds (SO_REUSEPORT)
+        while the old one still serves; then the old one drains (SIGTERM)."""
+        assert self.cluster is not None
+        old, old_slot = self.ztunnels[node], self.ztunnel_slot[node]
+        self.start_ztunnel(node, 1 - old_slot)
+        self.wait_ready(node)
+        self.cluster.stop_process(old)
+
+    def refresh_enrolled(self) -> None:
+        """Which pods the agents captured and ztunnels acknowledged (from the agents)."""
+        self.enrolled = set()
+        for node in self.agents:
+            status, body = http_get(self.node_netns(node), "127.0.0.1", AGENT_READY_PORT,
+                                    "/debug/pods", timeout=5)
+            pods = body.get("pods") if status == 200 else None
+            if isinstance(pods, list):
+                for p in pods:
+                    if p.get("captured"):
+                        self.enrolled.add(f"{p['namespace']}/{p['name']}")
+
+    def set_labels(self, kind: str, namespace: str, name: str,
+                   labels: dict[str, str | None]) -> None:
+        """Change labels of an object in the cluster's manifests (``None`` removes one), as
+        ``kubectl label`` would; agents and ztunnels pick the change up."""
+        for o in self.objects:
+            meta = o.get("metadata") or {}
+            if o.get("kind") == kind and meta.get("name") == name and (
+                    kind == "Namespace" or meta.get("namespace", "default") == namespace):
+                cur = meta.setdefault("labels", {})
+                for k, v in labels.items():
+                    if v is None:
+                        cur.pop(k, None)
+                    else:
+                        cur[k] = v
+                self.write_manifests()
+                return
+        raise MeshError(f"no {kind} {namespace}/{name} in the manifests")
+
+    def write_manifests(self) -> None:
+        """The cluster state (objects + pod status) every component reads, written atomically."""
+        tmp = self.manifests_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump_all(self._with_status()), encoding="utf-8")
+        os.replace(tmp, self.manifests_path)
+
+    def wait_config(self, timeout: float = ZTUNNEL_READY_TIMEOUT) -> None:
+        """Wait until every ztunnel knows every pod's address (config propagated)."""
+        want = {p.ip for p in self.pods.values()}
+        deadline = time.monotonic() + timeout
+        for node in self.ztunnels:
+            while True:
+                dump = self.config_dump(node)
+                have = {a.split("/")[-1] for w in dump.get("workloads", [])
+                        for a in w.get("workloadIps", w.get("addresses", []))}
+                if want <= have or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
 
     def _with_status(self) -> list[dict[str, Any]]:
         out = []
@@ -144,37 +259,50 @@ class LocalMesh:
         assert self.cluster is not None
         return self.cluster.nodes[node].netns
 
+    def port(self, node: str, base: int) -> int:
+        """The current ztunnel's admin/stats/readiness port (``base`` + its slot offset)."""
+        return base + 100 * self.ztunnel_slot.get(node, 0)
+
     def wait_ready(self, node: str, timeout: float = ZTUNNEL_READY_TIMEOUT) -> None:
+        self._wait_http(node, self.port(node, 15021), "/healthz/ready", "ztunnel",
+                        self.ztunnels[node], timeout)
+
+    def _wait_http(self, node: str, port: int, path: str, what: str, proc: Any,
+                   timeout: float = ZTUNNEL_READY_TIMEOUT, log: Path | None = None) -> None:
+        log = log or self.log_path(node)
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            proc = self.ztunnels[node]
             if proc.popen is not None and proc.popen.poll() is not None:
-                raise MeshError(f"ztunnel on {node} exited; see {self.log_path(node)}")
+                raise MeshError(f"{what} on {node} exited; see {log}")
             try:
-                status, body = http_get(self.node_netns(node), "127.0.0.1", 15021,
-                                        "/healthz/ready", timeout=2)
+                status, body = http_get(self.node_netns(node), "127.0.0.1", port, path,
+                                        timeout=2)
                 if status == 200:
                     return
                 last = f"{status} {body}"
             except OSError as e:
                 last = str(e)
             time.sleep(0.2)
-        raise MeshError(f"ztunnel on {node} not ready after {timeout}s ({last}); "
-                        f"see {self.log_path(node)}")
+        raise MeshError(f"{what} on {node} not ready after {timeout}s ({last}); see {log}")
 
     def log_path(self, node: str) -> Path:
+        """ztunnel's log on ``node`` (both instances of a rolling restart append to it)."""
         return self.run_dir / "logs" / f"_node_{node}.log"
 
+    def agent_log_path(self, node: str) -> Path:
+        return self.run_dir / "logs" / f"_agent_{node}.log"
+
     def metrics(self, node: str) -> str:
-        status, body = http_get(self.node_netns(node), "127.0.0.1", 15020, "/metrics", timeout=5)
+        status, body = http_get(self.node_netns(node), "127.0.0.1", self.port(node, 15020),
+                                "/metrics", timeout=5)
         if status != 200:
             raise MeshError(f"metrics of ztunnel on {node} answered {status}")
         return str(body.get("raw", ""))  # Prometheus text is not JSON: http_get keeps it raw
 
     def config_dump(self, node: str) -> dict[str, Any]:
-        status, body = http_get(self.node_netns(node), "127.0.0.1", 15000, "/config_dump",
-                                timeout=5)
+        status, body = http_get(self.node_netns(node), "127.0.0.1", self.port(node, 15000),
+                                "/config_dump", timeout=5)
         if status != 200:
             raise MeshError(f"config_dump of ztunnel on {node} answered {status}")
         return body
@@ -191,11 +319,36 @@ class LocalMesh:
 
 def remove_run_dir(run_dir: Path) -> None:
     """Remove what the mesh wrote into its run dir (CA, manifests, pods files), then the dir."""
-    shutil.rmtree(run_dir / "ca", ignore_errors=True)
-    for f in [run_dir / "manifests.yaml", *run_dir.glob("pods-*.json")]:
+    for d in ("ca", "nodes", "cni-bin"):
+        shutil.rmtree(run_dir / d, ignore_errors=True)
+    for f in [run_dir / "manifests.yaml", run_dir / "manifests.tmp"]:
         f.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         run_dir.rmdir()  # only if nothing else (logs kept on purpose) is left
+
+
+def resolve_backend(capture: str) -> str:
+    """``auto`` -> eBPF where this machine supports it, else iptables (with the reason)."""
+    if capture != "auto":
+        if capture not in BACKENDS:
+            raise MeshError(f"unknown capture backend {capture!r}; choose one of "
+                            f"{', '.join(BACKENDS)}")
+        return capture
+    name = default_backend_name()
+    if name != "ebpf":
+        log.warning("eBPF capture is not available here; using iptables")
+    return name
+
+
+def write_plugin_launcher(bin_dir: Path) -> Path:
+    """Our CNI plugin as the runtime calls it: an executable with absolute paths baked in
+    (runtimes give plugins a minimal environment)."""
+    install_launcher(str(bin_dir), sys.executable, str(REPO))
+    return bin_dir / PLUGIN_TYPE
+
+
+def _env() -> dict[str, str]:
+    return {"PYTHONPATH": str(REPO), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
 def ensure_root() -> None:

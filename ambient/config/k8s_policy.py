@@ -6,7 +6,9 @@ Pure functions over Kubernetes object dicts. Istio's rules for ztunnel:
 - each rule is a Group: a Rules for ``to`` (one Match per operation), one for ``from`` (one
   Match per source), one per ``when`` condition.
 - HTTP-only fields: in ALLOW the whole rule is dropped, in DENY only the HTTP part is; both
-  produce a warning naming the policy and the fields.
+  produce a warning naming the policy and the fields.  A DENY rule made only of HTTP fields
+  is left with empty matches, which ztunnel never matches: istiod does the same and says the
+  policy has no effect, and so does our warning.
 - PeerAuthentication: the effective mesh/namespace/workload mode decides whether a workload
   references ``<root>/istio_converted_static_strict``; selector policies with port-level mTLS
   become ``converted_peer_authentication_<name>``.
@@ -217,6 +219,12 @@ def authorization_policy(
         fields = ", ".join(sorted(set(http)))
         if action == "ALLOW":
             how = "rules with HTTP attributes are omitted from this ALLOW policy (stricter)"
+        elif not _has_effective_group(a):
+            # Istio sends the empty matches anyway; ztunnel skips them, so nothing is denied.
+            how = (
+                "without them this DENY policy has no rule ztunnel can enforce and has NO "
+                "effect; attach it to a waypoint with targetRefs"
+            )
         else:
             how = "this DENY policy is enforced without its HTTP parts (stricter)"
         warnings.append(
@@ -224,6 +232,14 @@ def authorization_policy(
             "use a waypoint to enforce HTTP rules"
         )
     return PolicyOut(f"{ns}/{name}", a, selector), warnings
+
+
+def _has_effective_group(a: Any) -> bool:
+    """Whether some group can match: ztunnel skips empty matches (they never match)."""
+    for g in a.groups:
+        if all(any(m.ByteSize() for m in r.matches) for r in g.rules):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,10 +286,10 @@ class PeerAuthn:
     selector: dict[str, str] | None
     mode: str
     ports: dict[int, str]
-    order: tuple[str, int]  # (creationTimestamp, document index): oldest wins
+    order: tuple[str, str]  # (creationTimestamp, name): oldest wins, then the first name
 
 
-def parse_peer_authentication(obj: dict[Any, Any], index: int) -> PeerAuthn:
+def parse_peer_authentication(obj: dict[Any, Any], index: int = 0) -> PeerAuthn:
     meta = obj["metadata"]
     spec = as_map(obj.get("spec"), "spec")
     return PeerAuthn(
@@ -282,7 +298,7 @@ def parse_peer_authentication(obj: dict[Any, Any], index: int) -> PeerAuthn:
         selector=match_labels(spec, "spec"),
         mode=pa_mode(spec.get("mtls"), "spec.mtls"),
         ports=port_modes(spec),
-        order=(str(meta.get("creationTimestamp") or ""), index),
+        order=(str(meta.get("creationTimestamp") or ""), meta["name"]),
     )
 
 

@@ -1,47 +1,38 @@
 """Kubernetes manifests -> the WDS protos istiod would push (Address and Authorization).
 
-Input is multi-document YAML text or already-parsed object dicts: Namespace, Pod, Service,
-ServiceAccount, security.istio.io AuthorizationPolicy and PeerAuthentication; other kinds are
-ignored with a warning. The translation is pure (dicts in, protos out), so the control plane
-reuses it on objects it watches.
+Two entry points over one engine:
+- ``translate_manifests(text or dicts)``: the whole set at once (ztunnel's local-manifests
+  mode, tests);
+- ``Translator``: the incremental engine the control plane keeps; ``apply`` takes changed
+  and deleted objects by key and returns which resources changed.
+
+Kinds read: Namespace, Pod, Service, EndpointSlice, Gateway (class istio-waypoint),
+AuthorizationPolicy, PeerAuthentication; ServiceAccount and HTTPRoute are accepted and
+publish nothing; other kinds are ignored with a warning.  Parsing is per object
+(``k8s_parse``), combination per producer (``k8s_build``) over indexes (``k8s_world``).
 
 Invariants: never raises on any input; a malformed object yields one error naming
-kind/namespace/name and what is wrong, and the rest still translate. Every returned proto
-passes ``model.from_proto``. Output is deterministic (sorted by key).
+kind/namespace/name and the field, and the rest still translate; a malformed *new version*
+of an object leaves its last good version in force (outputs unchanged); every resource
+returned passes ``model.from_proto``; output is deterministic; applying changes one batch at
+a time gives the same resources as translating the final set at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ambient.api.istio.workload import workload_pb2 as wpb
-from ambient.config import k8s_policy as kp
-from ambient.config._common import (
-    FieldError,
-    as_ip,
-    as_list,
-    as_map,
-    as_port,
-    as_str,
-    load_yaml_documents,
-    short,
-)
-from ambient.model import ModelError, from_proto
+from ambient.config._common import load_yaml_documents
+from ambient.config.k8s_build import build
+from ambient.config.k8s_parse import KINDS, Settings, describe, key_of, normalise, parse
+from ambient.config.k8s_world import World
+from ambient.model import from_proto
 
-__all__ = ["TranslationResult", "translate_manifests"]
-
-DATAPLANE_MODE = "istio.io/dataplane-mode"
-_KINDS = {
-    "Namespace",
-    "Pod",
-    "Service",
-    "ServiceAccount",
-    "AuthorizationPolicy",
-    "PeerAuthentication",
-}
-_CLUSTER_SCOPED = {"Namespace"}
+__all__ = [
+    "Delta", "Problems", "Settings", "TranslationResult", "Translator", "translate_manifests",
+]  # fmt: skip
 
 
 @dataclass
@@ -52,159 +43,122 @@ class TranslationResult:
 
 
 @dataclass
-class _Svc:
-    key: str
-    proto: Any
-    selector: dict[str, str]
-    ports: list[tuple[int, int | str]]  # (service port, target port number or name)
+class Delta:
+    """Resources that changed in one ``Translator.apply``: new/replaced ones and removed names."""
 
-
-def _labels(meta: dict[Any, Any]) -> dict[str, str]:
-    return {str(k): str(v) for k, v in as_map(meta.get("labels"), "metadata.labels").items()}
-
-
-def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
-
-
-def _service(obj: dict[Any, Any], cluster_domain: str) -> _Svc | None:
-    meta, spec = obj["metadata"], as_map(obj.get("spec"), "spec")
-    name, ns = meta["name"], meta["namespace"]
-    if spec.get("type") == "ExternalName":
-        return None
-    hostname = f"{name}.{ns}.svc.{cluster_domain}"
-    s = wpb.Service(name=name, namespace=ns, hostname=hostname)
-    ips = [as_str(ip, "spec.clusterIPs[]") for ip in as_list(spec.get("clusterIPs"), "clusterIPs")]
-    if not ips and spec.get("clusterIP") is not None:
-        ips = [as_str(spec["clusterIP"], "spec.clusterIP")]
-    for i, ip in enumerate(ips):
-        if ip in ("None", ""):
-            continue
-        s.addresses.add(network="", address=as_ip(ip, f"spec.clusterIPs[{i}]").packed)
-    ports: list[tuple[int, int | str]] = []
-    for i, p in enumerate(as_list(spec.get("ports"), "spec.ports")):
-        p = as_map(p, f"spec.ports[{i}]")
-        port = as_port(p.get("port"), f"spec.ports[{i}].port")
-        target = p.get("targetPort", port)
-        tref: int | str
-        if isinstance(target, str) and not target.isdigit():
-            tnum, tref = 0, target
-        else:
-            tnum = as_port(target, f"spec.ports[{i}].targetPort")
-            tref = tnum
-        s.ports.add(service_port=port, target_port=tnum)
-        ports.append((port, tref))
-    selector = {str(k): str(v) for k, v in as_map(spec.get("selector"), "spec.selector").items()}
-    return _Svc(f"{ns}/{hostname}", s, selector, ports)
-
-
-def _owner(meta: dict[Any, Any], labels: dict[str, str], pod_name: str) -> tuple[str, str]:
-    """(workload_name, workload_type) from ownerReferences, like istiod."""
-    for ref in as_list(meta.get("ownerReferences"), "metadata.ownerReferences"):
-        ref = as_map(ref, "metadata.ownerReferences[]")
-        kind, name = ref.get("kind"), str(ref.get("name", ""))
-        if kind == "ReplicaSet" and "-" in name:
-            return name.rsplit("-", 1)[0], "DEPLOYMENT"
-        if kind in ("Deployment", "ReplicaSet", "StatefulSet", "DaemonSet"):
-            return name, "DEPLOYMENT"
-        if kind == "Job":
-            return name, "JOB"
-        if kind == "CronJob":
-            return name, "CRONJOB"
-    return labels.get("app", pod_name), "POD"
-
-
-def _container_ports(spec: dict[Any, Any]) -> dict[str, int]:
-    named = {}
-    for i, c in enumerate(as_list(spec.get("containers"), "spec.containers")):
-        c = as_map(c, f"spec.containers[{i}]")
-        for j, p in enumerate(as_list(c.get("ports"), f"spec.containers[{i}].ports")):
-            p = as_map(p, f"spec.containers[{i}].ports[{j}]")
-            port = as_port(p.get("containerPort"), f"spec.containers[{i}].ports[{j}].containerPort")
-            if p.get("name"):
-                named[str(p["name"])] = port
-    return named
+    upserts: dict[str, Any] = field(default_factory=dict)
+    removals: set[str] = field(default_factory=set)
 
 
 @dataclass
-class _Ctx:
-    cluster_id: str
-    trust_domain: str
-    root: str
-    namespaces: dict[str, dict[str, str]]
-    services: list[_Svc]
-    selector_policies: list[kp.PolicyOut]
-    pas: list[kp.PeerAuthn]
+class Problems:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
-def _pod(obj: dict[Any, Any], ctx: _Ctx) -> Any:
-    meta, spec = obj["metadata"], as_map(obj.get("spec"), "spec")
-    status = as_map(obj.get("status"), "status")
-    name, ns = meta["name"], meta["namespace"]
-    labels = _labels(meta)
-    w = wpb.Workload(
-        uid=f"{ctx.cluster_id}//Pod/{ns}/{name}",
-        name=name,
-        namespace=ns,
-        trust_domain=ctx.trust_domain,
-        cluster_id=ctx.cluster_id,
-    )
-    w.service_account = as_str(spec.get("serviceAccountName") or "default", "serviceAccountName")
-    w.node = as_str(spec.get("nodeName") or "", "spec.nodeName")
-    ips = [as_map(p, "status.podIPs[]").get("ip") for p in as_list(status.get("podIPs"), "podIPs")]
-    if not ips and status.get("podIP"):
-        ips = [status["podIP"]]
-    for i, ip in enumerate(ips):
-        w.addresses.append(as_ip(ip, f"status.podIPs[{i}]").packed)
-    host_network = spec.get("hostNetwork") is True
-    if host_network:
-        w.network_mode = wpb.HOST_NETWORK
-    pod_mode = labels.get(DATAPLANE_MODE)
-    ns_mode = ctx.namespaces.get(ns, {}).get(DATAPLANE_MODE)
-    enrolled = pod_mode != "none" and "ambient" in (pod_mode, ns_mode) and not host_network
-    w.tunnel_protocol = wpb.HBONE if enrolled else wpb.NONE
-    w.canonical_name = (
-        labels.get("service.istio.io/canonical-name")
-        or labels.get("app.kubernetes.io/name")
-        or labels.get("app")
-        or ""
-    )
-    w.canonical_revision = (
-        labels.get("service.istio.io/canonical-revision")
-        or labels.get("app.kubernetes.io/version")
-        or labels.get("version")
-        or "latest"
-    )
-    wname, wtype = _owner(meta, labels, name)
-    w.workload_name = wname
-    w.canonical_name = w.canonical_name or wname
-    w.workload_type = wpb.WorkloadType.Value(wtype)
-    ready = True
-    for c in as_list(status.get("conditions"), "status.conditions"):
-        c = as_map(c, "status.conditions[]")
-        if c.get("type") == "Ready" and str(c.get("status")) == "False":
-            ready = False
-    if status.get("phase") in ("Succeeded", "Failed") or meta.get("deletionTimestamp"):
-        ready = False
-    w.status = wpb.HEALTHY if ready else wpb.UNHEALTHY
-    named = _container_ports(spec)
-    for svc in ctx.services:
-        if svc.proto.namespace != ns or not svc.selector or not _selects(svc.selector, labels):
-            continue
-        plist = w.services[svc.key]
-        for sport, target in svc.ports:
-            tnum = named.get(target) if isinstance(target, str) else target
-            if tnum:
-                plist.ports.add(service_port=sport, target_port=tnum)
-    keys = {
-        p.key
-        for p in ctx.selector_policies
-        if p.proto.namespace in (ns, ctx.root) and _selects(p.selector or {}, labels)
-    }
-    mesh, ns_pa, wl_pa = kp.pick_peer_authentications(ctx.pas, ctx.root, ns, labels)
-    keys.update(kp.effective_pa_keys(ctx.root, mesh, ns_pa, wl_pa))
-    w.authorization_policies.extend(sorted(keys))
-    return w
+class Translator:
+    """Incremental translation; single writer.  ``resources`` is the current output."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.world = World(self.settings)
+        self.resources: dict[str, Any] = {}
+        self._outputs: dict[str, dict[str, Any]] = {}  # producer -> its resources
+        self._parse_problems: dict[str, Problems] = {}  # object key -> problems
+        self._build_warnings: dict[str, list[str]] = {}  # producer -> warnings
+        self._build_errors: dict[str, str] = {}
+        self._ignored: set[str] = set()  # keys of objects of kinds we do not read
+
+    def problems(self) -> dict[str, Problems]:
+        """Errors and warnings by object key (only objects that have any)."""
+        out: dict[str, Problems] = {}
+        for key, p in self._parse_problems.items():
+            out[key] = Problems(list(p.errors), list(p.warnings))
+        for key, warns in self._build_warnings.items():
+            out.setdefault(key, Problems()).warnings.extend(warns)
+        for key, err in self._build_errors.items():
+            out.setdefault(key, Problems()).errors.append(err)
+        return {k: v for k, v in sorted(out.items()) if v.errors or v.warnings}
+
+    def apply(
+        self, upserts: Mapping[str, Any], deletes: Iterable[str] = (), *, resync: bool = False
+    ) -> Delta:
+        """Apply changed objects (by key) and deletions; ``resync``: upserts is everything."""
+        deletes = set(deletes)
+        if resync:
+            deletes |= (set(self.world.records) | self._ignored) - set(upserts)
+        affected: set[str] = set()
+        for key in sorted(deletes):
+            self._parse_problems.pop(key, None)
+            self._ignored.discard(key)
+            if key in self.world.records:
+                affected |= self.world.put(key, None, present=False)
+        for key, obj in upserts.items():
+            affected |= self._upsert(key, obj)
+        return self._rebuild(affected)
+
+    def _upsert(self, key: str, obj: Any) -> set[str]:
+        try:
+            norm = normalise(obj)
+        except Exception as e:
+            self._refuse(key, f"{describe(obj)}: {e}")
+            return set()
+        if norm["kind"] not in KINDS:
+            self._ignored.add(key)
+            self._parse_problems[key] = Problems(
+                warnings=[f"{describe(norm)}: kind {norm['kind']} is ignored"]
+            )
+            return set()
+        try:
+            rec = parse(norm, self.settings)
+        except Exception as e:
+            self._refuse(key, f"{describe(norm)}: {e}")
+            return set()
+        self._ignored.discard(key)
+        warnings = list(getattr(rec, "warnings", ()))
+        if warnings:
+            self._parse_problems[key] = Problems(warnings=warnings)
+        else:
+            self._parse_problems.pop(key, None)
+        return self.world.put(key, rec, present=True)
+
+    def _refuse(self, key: str, message: str) -> None:
+        if key in self.world.records:
+            message += " (the last good version stays in force)"
+        self._parse_problems[key] = Problems(errors=[message])
+
+    def _rebuild(self, affected: set[str]) -> Delta:
+        delta = Delta()
+        for producer in sorted(affected):
+            old = self._outputs.get(producer, {})
+            try:
+                new, warnings = build(self.world, producer)
+                for msg in new.values():
+                    from_proto(msg)  # what a ztunnel would reject must not be sent
+            except Exception as e:
+                self._build_errors[producer] = (
+                    f"{producer}: cannot translate ({e}); its last resources stay in force"
+                )
+                continue
+            self._build_errors.pop(producer, None)
+            if warnings:
+                self._build_warnings[producer] = warnings
+            else:
+                self._build_warnings.pop(producer, None)
+            if new:
+                self._outputs[producer] = new
+            else:
+                self._outputs.pop(producer, None)
+            for name in old.keys() - new.keys():
+                self.resources.pop(name, None)
+                delta.upserts.pop(name, None)
+                delta.removals.add(name)
+            for name, msg in new.items():
+                if old.get(name) != msg or name not in self.resources:
+                    self.resources[name] = msg
+                    delta.upserts[name] = msg
+                    delta.removals.discard(name)
+        return delta
 
 
 def _objects(source: str | Iterable[Any], res: TranslationResult) -> list[Any]:
@@ -223,34 +177,6 @@ def _objects(source: str | Iterable[Any], res: TranslationResult) -> list[Any]:
     return out
 
 
-def _describe(obj: Any, i: int) -> str:
-    if isinstance(obj, dict):
-        meta: dict[Any, Any] = obj["metadata"] if isinstance(obj.get("metadata"), dict) else {}
-        ns, name = meta.get("namespace", "default"), meta.get("name", f"#{i}")
-        return f"{obj.get('kind', '(no kind)')} {ns}/{name}"
-    return f"object #{i}"
-
-
-def _normalise(obj: Any) -> dict[Any, Any]:
-    """Check the envelope and fill metadata.namespace; raises FieldError."""
-    if not isinstance(obj, dict):
-        raise FieldError(f"{short(obj)} is not a mapping")
-    kind = obj.get("kind")
-    if not isinstance(kind, str) or not kind:
-        raise FieldError("kind is missing")
-    meta = as_map(obj.get("metadata"), "metadata")
-    if not isinstance(meta.get("name"), str) or not meta["name"]:
-        raise FieldError("metadata.name is missing")
-    ns = meta.get("namespace")
-    if kind in _CLUSTER_SCOPED:
-        ns = ""
-    elif ns is None:
-        ns = "default"
-    elif not isinstance(ns, str) or not ns:
-        raise FieldError(f"metadata.namespace {short(ns)} is not a string")
-    return {**obj, "metadata": {**meta, "namespace": ns}}
-
-
 def translate_manifests(
     source: str | Iterable[Any],
     *,
@@ -261,80 +187,18 @@ def translate_manifests(
 ) -> TranslationResult:
     """Kubernetes objects -> ``TranslationResult(resources=[(key, proto)], warnings, errors)``."""
     res = TranslationResult()
-    by_kind: dict[str, list[dict[Any, Any]]] = {k: [] for k in _KINDS}
+    objs: dict[str, Any] = {}
     for i, raw in enumerate(_objects(source, res)):
         try:
-            obj = _normalise(raw)
-        except (FieldError, TypeError) as e:
-            res.errors.append(f"{_describe(raw, i)}: {e}")
+            key = key_of(normalise(raw))
+        except Exception as e:
+            res.errors.append(f"{describe(raw, i)}: {e}")
             continue
-        if obj["kind"] not in _KINDS:
-            res.warnings.append(f"{_describe(obj, i)}: kind {obj['kind']} is ignored")
-            continue
-        by_kind[obj["kind"]].append(obj)
-
-    out: dict[str, Any] = {}
-
-    def attempt(obj: dict[Any, Any], fn: Any, *args: Any) -> Any:
-        try:
-            return fn(obj, *args)
-        except (FieldError, ModelError, ValueError, TypeError, KeyError) as e:
-            res.errors.append(f"{_describe(obj, 0)}: {e}")
-            return None
-
-    namespaces: dict[str, dict[str, str]] = {}
-    for obj in by_kind["Namespace"]:
-        labels = attempt(obj, lambda o: _labels(o["metadata"]))
-        if labels is not None:
-            namespaces[obj["metadata"]["name"]] = labels
-
-    selector_policies: list[kp.PolicyOut] = []
-    for obj in by_kind["AuthorizationPolicy"]:
-        got = attempt(obj, kp.authorization_policy, root_namespace)
-        if got is None:
-            continue
-        pol, warns = got
-        res.warnings.extend(warns)
-        if pol is not None:
-            out[pol.key] = pol.proto
-            if pol.selector is not None:
-                selector_policies.append(pol)
-
-    pas: list[kp.PeerAuthn] = []
-    for i, obj in enumerate(by_kind["PeerAuthentication"]):
-        pa = attempt(obj, kp.parse_peer_authentication, i)
-        if pa is not None:
-            pas.append(pa)
-    if pas:
-        static = kp.static_strict_policy(root_namespace)
-        out[static.key] = static.proto
-    for pa in pas:
-        mesh, ns_pa, _ = kp.pick_peer_authentications(pas, root_namespace, pa.namespace, {})
-        conv = kp.convert_peer_authentication(root_namespace, pa, ns_pa, mesh)
-        if conv is not None:
-            out[conv.key] = conv.proto
-
-    services: list[_Svc] = []
-    for obj in by_kind["Service"]:
-        svc = attempt(obj, _service, cluster_domain)
-        if svc is not None:
-            services.append(svc)
-            out[svc.key] = wpb.Address(service=svc.proto)
-
-    ctx = _Ctx(
-        cluster_id, trust_domain, root_namespace, namespaces, services, selector_policies, pas
-    )
-    for obj in by_kind["Pod"]:
-        w = attempt(obj, _pod, ctx)
-        if w is not None:
-            out[w.uid] = wpb.Address(workload=w)
-
-    for key in sorted(out):
-        msg = out[key]
-        try:
-            from_proto(msg)
-        except ModelError as e:
-            res.errors.append(f"{key}: {e}")
-            continue
-        res.resources.append((key, msg))
+        objs[key] = raw  # a later document with the same key replaces an earlier one
+    t = Translator(Settings(cluster_id, trust_domain, cluster_domain, root_namespace))
+    t.apply(objs, resync=True)
+    for p in t.problems().values():
+        res.errors.extend(p.errors)
+        res.warnings.extend(p.warnings)
+    res.resources = sorted(t.resources.items(), key=lambda kv: kv[0])
     return res

@@ -1,7 +1,11 @@
 """End to end: the local mesh from examples/demo.yaml, driven the way a user would.
 
-Every demo scenario is asserted here, plus what an operator relies on: the config dump,
-access logs, hot reload with per-entry rejection, and graceful drain.
+The whole module runs once per capture backend (iptables, nftables, eBPF): pods are created
+by CNI ADD through the reference plugins and our chained plugin, the node agents capture
+them and hand them to ztunnel over ZDS.  Every demo scenario is asserted (enrollment by
+label, late enrollment and release of a running pod, a ztunnel rolling restart under
+traffic), plus what an operator relies on: the config dump, access logs, hot reload with
+per-entry rejection, and graceful drain.
 """
 
 from __future__ import annotations
@@ -17,17 +21,18 @@ import pytest
 import yaml
 
 from ambient.cluster import demo
-from ambient.cluster.echo import tcp_probe
 from ambient.cluster.mesh import LocalMesh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 MANIFESTS = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+@pytest.fixture(scope="module", params=["iptables", "nftables", "ebpf"])
+def mesh(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     root = tmp_path_factory.mktemp("run")
-    m = LocalMesh(MANIFESTS, name=f"e2e{secrets.token_hex(2)}", run_root=root)
+    m = LocalMesh(MANIFESTS, name=f"e2e{secrets.token_hex(2)}", run_root=root,
+                  capture=request.param)
     try:
         m.up(progress=lambda _msg: None)
         yield m
@@ -53,7 +58,7 @@ def test_demo_scenario(mesh: LocalMesh, scenario: Callable[[LocalMesh], demo.Sce
 
 def test_config_dump_lists_workloads_policies_and_certificates(mesh: LocalMesh) -> None:
     # Make sure node-b holds a certificate for backend (served on its 15008).
-    assert tcp_probe(mesh.pods["shop/frontend"].netns, mesh.pods["shop/backend-1"].ip, 8080).ok
+    assert demo.probe(mesh, "shop/frontend", mesh.pods["shop/backend-1"].ip, 8080).ok
     dump = mesh.config_dump("node-b")
     names = {w["name"] for w in dump["workloads"]}
     assert {"frontend", "backend-1", "backend-2", "db", "client", "web"} <= names
@@ -64,7 +69,7 @@ def test_config_dump_lists_workloads_policies_and_certificates(mesh: LocalMesh) 
 
 
 def test_access_log_has_one_line_per_connection(mesh: LocalMesh) -> None:
-    src, dst = mesh.pods["shop/backend-2"], mesh.pods["shop/backend-1"]
+    dst = mesh.pods["shop/backend-1"]
     log_path = mesh.log_path(dst.node)
 
     def inbound_lines() -> list[str]:
@@ -72,7 +77,7 @@ def test_access_log_has_one_line_per_connection(mesh: LocalMesh) -> None:
                 if "connection complete" in ln and 'direction="inbound"' in ln]
 
     before = len(inbound_lines())
-    r = tcp_probe(src.netns, dst.ip, 8080)
+    r = demo.probe(mesh, "shop/backend-2", dst.ip, 8080)
     assert r.ok, r.error
     assert _wait_for(lambda: len(inbound_lines()) > before)
     new = inbound_lines()[before:]
@@ -105,6 +110,5 @@ def test_sigterm_drains_and_captured_traffic_then_fails_closed(mesh: LocalMesh) 
     assert proc.popen.wait(timeout=30) == 0
     # frontend's traffic is still captured, but nothing serves 15001: it is refused,
     # never sent in plaintext.
-    r = tcp_probe(mesh.pods["shop/frontend"].netns, mesh.pods["shop/backend-1"].ip, 8080,
-                  timeout=3)
+    r = demo.probe(mesh, "shop/frontend", mesh.pods["shop/backend-1"].ip, 8080, timeout=3)
     assert not r.ok and not r.greeting

@@ -71,7 +71,7 @@ def test_install_golden_and_idempotent(tmp_path: Path, case: str) -> None:
 
 def test_already_installed_writes_nothing(tmp_path: Path) -> None:
     conf_dir, bin_dir = _setup(tmp_path, "already_installed")
-    inst._install_launcher(str(bin_dir), sys.executable, inst.SOURCE_ROOT)
+    inst.install_launcher(str(bin_dir), sys.executable, inst.SOURCE_ROOT)
     report = inst.install(str(conf_dir), str(bin_dir))
     assert report.changes == []
 
@@ -103,7 +103,7 @@ def test_removed_entry_restored(tmp_path: Path) -> None:
 
 def test_uninstall_golden(tmp_path: Path) -> None:
     conf_dir, bin_dir = _setup(tmp_path, "uninstall")
-    inst._install_launcher(str(bin_dir), sys.executable, inst.SOURCE_ROOT)
+    inst.install_launcher(str(bin_dir), sys.executable, inst.SOURCE_ROOT)
     report = inst.uninstall(str(conf_dir), str(bin_dir))
     _assert_matches_golden(conf_dir, GOLDEN / "uninstall" / "out")
     assert not (bin_dir / "ambient-cni").exists()

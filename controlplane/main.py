@@ -1,0 +1,210 @@
+"""The control plane process: object source -> translation pipeline -> snapshot cache -> gRPC.
+
+``ambientctl controlplane --manifests DIR`` runs it locally: the manifests directory is the
+source (``controlplane.local_source.LocalSource``), every ``Update`` goes through
+``controlplane.pipeline.Pipeline`` and the resulting ``Changes`` into the
+:class:`~controlplane.cache.SnapshotCache`, which the delta ADS server streams from.
+
+Invariants:
+- The server starts listening only after the source delivered its first complete set, so a
+  proxy that connects early never takes an empty snapshot for the truth (istiod likewise
+  waits for its informers to sync before it serves).
+- Everything runs on one event loop; the cache has a single writer (the sink).
+- SIGTERM/SIGINT stop the source and give open streams one second to finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ambient.ca import CA_CERT_FILE, CaError, CertificateAuthority
+from controlplane.cache import SnapshotCache
+from controlplane.objects import Sink, Update
+from controlplane.server import (
+    DEFAULT_PLAIN_ADDR,
+    ControlPlaneServer,
+    ServerError,
+)
+
+__all__ = ["Options", "add_arguments", "load_or_create_ca", "make_sink", "run", "run_from_args"]
+
+log = logging.getLogger("controlplane")
+
+
+class PipelineLike(Protocol):
+    def apply(self, update: Update) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Options:
+    manifests: Path
+    xds_plain: str | None = DEFAULT_PLAIN_ADDR
+    xds_tls: str | None = None
+    ca_dir: Path | None = None
+    trust_domain: str = "cluster.local"
+    cluster_id: str = "Kubernetes"
+    require_client_cert: bool = False
+
+
+def make_sink(pipeline: PipelineLike, cache: SnapshotCache,
+              synced: asyncio.Event | None = None) -> Sink:
+    """The source's sink: translate one update and put what changed into the cache."""
+
+    def sink(update: Update) -> None:
+        changes = pipeline.apply(update)
+        if changes:
+            pushed = cache.apply_changes(changes)
+            log.info("objects updated: %d resources changed (%s)",
+                     sum(len(v) for v in pushed.values()),
+                     ", ".join(f"{t.rsplit('.', 1)[-1]}: {len(v)}" for t, v in pushed.items())
+                     or "no content change")
+        if synced is not None and update.resync:
+            synced.set()
+
+    return sink
+
+
+def load_or_create_ca(ca_dir: Path, trust_domain: str) -> CertificateAuthority:
+    """Load Istio's ``cacerts`` layout from ``ca_dir``, or create a new root there."""
+    if (ca_dir / CA_CERT_FILE).exists():
+        return CertificateAuthority.load_dir(ca_dir, trust_domain=trust_domain)
+    ca = CertificateAuthority.generate(trust_domain)
+    ca.save_dir(ca_dir)
+    log.info("created a new mesh root CA in %s (trust domain %s)", ca_dir, trust_domain)
+    return ca
+
+
+async def run(
+    opts: Options,
+    *,
+    feed: Callable[[Sink], Coroutine[Any, Any, None]] | None = None,
+    pipeline: PipelineLike | None = None,
+    stop: asyncio.Event | None = None,
+    on_started: Callable[[ControlPlaneServer], None] | None = None,
+) -> int:
+    """Run until ``stop`` is set (or a signal arrives); returns the exit status.
+
+    ``feed(sink)`` runs the object source (default: ``LocalSource`` on ``opts.manifests``).
+    """
+    ca = None
+    if opts.xds_tls is not None or opts.ca_dir is not None:
+        if opts.ca_dir is None:
+            log.error("--xds-tls needs --ca-dir: the TLS server certificate is signed by the "
+                      "mesh CA")
+            return 2
+        try:
+            ca = load_or_create_ca(opts.ca_dir, opts.trust_domain)
+        except (CaError, OSError) as e:
+            log.error("cannot load the mesh CA from %s: %s", opts.ca_dir, e)
+            return 1
+    if pipeline is None:
+        from ambient.config.manifests import Settings as TranslateSettings
+        from controlplane.pipeline import Pipeline
+
+        pipeline = Pipeline(TranslateSettings(cluster_id=opts.cluster_id,
+                                              trust_domain=opts.trust_domain))
+    if feed is None:
+        from controlplane.local_source import LocalSource
+
+        def feed(sink: Sink) -> Coroutine[Any, Any, None]:
+            return LocalSource(str(opts.manifests), sink).run()
+    cache = SnapshotCache()
+    synced = asyncio.Event()
+    try:
+        server = ControlPlaneServer(
+            cache, plain_addr=opts.xds_plain, tls_addr=opts.xds_tls, ca=ca,
+            client_auth="require" if opts.require_client_cert else "none",
+        )
+    except ServerError as e:
+        log.error("%s", e)
+        return 2
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    feeding = asyncio.create_task(feed(make_sink(pipeline, cache, synced)))
+    try:
+        waiters = [asyncio.ensure_future(synced.wait()), asyncio.ensure_future(stop.wait())]
+        await asyncio.wait([feeding, *waiters], return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        if feeding.done():
+            exc = feeding.exception()
+            log.error("the object source stopped before its first sync: %s", exc or "it ended")
+            return 1
+        if stop.is_set():
+            return 0
+        try:
+            await server.start()
+        except ServerError as e:
+            log.error("%s", e)
+            return 1
+        if on_started is not None:
+            on_started(server)
+        await stop.wait()
+        return 0
+    finally:
+        feeding.cancel()
+        await asyncio.gather(feeding, return_exceptions=True)
+        await server.stop(1.0)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifests", type=Path, required=True,
+                   help="directory (or file) of Kubernetes manifests describing the cluster")
+    p.add_argument("--xds-plain", default=DEFAULT_PLAIN_ADDR, metavar="ADDR",
+                   help="plaintext xDS address, or 'off' (default: %(default)s)")
+    p.add_argument("--xds-tls", default=None, metavar="ADDR",
+                   help="TLS xDS address, e.g. 0.0.0.0:15012 (needs --ca-dir)")
+    p.add_argument("--ca-dir", type=Path, default=None,
+                   help="mesh CA in Istio's cacerts layout; created if empty")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--cluster-id", default="Kubernetes")
+    p.add_argument("--require-client-cert", action="store_true",
+                   help="on the TLS port, require a mesh client certificate (mTLS only)")
+    p.add_argument("--log-level", default="info")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=str(args.log_level).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts = Options(
+        manifests=args.manifests,
+        xds_plain=None if args.xds_plain in ("off", "") else args.xds_plain,
+        xds_tls=args.xds_tls,
+        ca_dir=args.ca_dir,
+        trust_domain=args.trust_domain,
+        cluster_id=args.cluster_id,
+        require_client_cert=args.require_client_cert,
+    )
+    try:
+        import uvloop
+
+        return uvloop.run(run(opts))
+    except ImportError:  # pragma: no cover
+        return asyncio.run(run(opts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ambient-controlplane")
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
