@@ -349,11 +349,13 @@ class CertificateAuthority:
         ttl: timedelta = DEFAULT_TTL,
         *,
         now: datetime | None = None,
+        dns_names: Sequence[str] = (),
     ) -> list[str]:
         """Sign a CSR for ``identity``; return the chain as PEM strings, leaf first, root last.
 
         The last element holds all trusted roots (istiod does the same).  The caller must have
-        checked that the requester may obtain ``identity``.
+        checked that the requester may obtain ``identity``.  ``dns_names`` adds DNS SANs (for
+        serving certificates such as the control plane's; workload certificates have none).
         """
         now = now or _utcnow()
         if identity.trust_domain != self.trust_domain:
@@ -368,9 +370,8 @@ class CertificateAuthority:
         if not_after <= now:
             raise CaError(f"the CA certificate expired at {self.not_after.isoformat()}; "
                           "rotate the CA (cacerts) before workloads lose their certificates")
-        leaf = self._leaf_builder(identity, public_key, now - _BACKDATE, not_after).sign(
-            self._key, hashes.SHA256()
-        )
+        leaf = self._leaf_builder(identity, public_key, now - _BACKDATE, not_after,
+                                  dns_names).sign(self._key, hashes.SHA256())
         chain = [_pem(leaf).decode()]
         if self._cert not in self._roots:
             chain.append(_pem(self._cert).decode())
@@ -379,11 +380,13 @@ class CertificateAuthority:
         return chain
 
     def issue(
-        self, identity: SpiffeId, ttl: timedelta = DEFAULT_TTL, *, now: datetime | None = None
+        self, identity: SpiffeId, ttl: timedelta = DEFAULT_TTL, *, now: datetime | None = None,
+        dns_names: Sequence[str] = (),
     ) -> WorkloadCertificate:
         """Generate a key, a CSR and sign it locally (FAKE_CA / local mode, tests)."""
         key = generate_key()
-        chain = self.sign_csr(make_csr(identity, key), identity, ttl, now=now)
+        chain = self.sign_csr(make_csr(identity, key), identity, ttl, now=now,
+                              dns_names=dns_names)
         return workload_certificate_from_chain(identity, _key_pem(key), chain)
 
     def _leaf_builder(
@@ -392,6 +395,7 @@ class CertificateAuthority:
         public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
         not_before: datetime,
         not_after: datetime,
+        dns_names: Sequence[str] = (),
     ) -> x509.CertificateBuilder:
         usage = x509.KeyUsage(
             digital_signature=True, key_encipherment=True, content_commitment=False,
@@ -402,7 +406,8 @@ class CertificateAuthority:
             [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
         )
         # Empty subject, so the SAN must be critical (RFC 5280 4.2.1.6), as in Istio's leaves.
-        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))])
+        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]
+                                          + [x509.DNSName(n) for n in dns_names])
         return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([]))

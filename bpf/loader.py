@@ -185,7 +185,8 @@ class Programs:
     def __init__(self, pin_dir: str, kernel_src_dir: str = kernel_src.DEFAULT_DIR) -> None:
         ensure_bpffs(pin_dir)
         drop_incompatible_pins(pin_dir)
-        os.environ["BCC_KERNEL_SOURCE"] = kernel_src.ensure(kernel_src_dir)
+        if not os.environ.get("BCC_KERNEL_SOURCE"):  # an operator's own tree wins
+            os.environ["BCC_KERNEL_SOURCE"] = kernel_src.ensure(kernel_src_dir)
         from bcc import BPF  # lazy: see module docstring
 
         self.pin_dir = pin_dir

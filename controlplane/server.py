@@ -28,15 +28,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from ambient.api.envoy.service.discovery.v3 import ads_pb2_grpc
-from ambient.ca import CertificateAuthority, generate_key, make_csr
+from ambient.ca import CertificateAuthority
 from ambient.identity import SpiffeId
 from controlplane.cache import SnapshotCache
 from controlplane.xds import AdsServicer, Authenticator, allow_all, client_certificate
@@ -83,42 +81,12 @@ def istiod_certificate(
     ttl: timedelta = _SERVER_TTL,
     now: datetime | None = None,
 ) -> ServerCertificate:
-    """A serving certificate for the control plane: istiod's SPIFFE ID plus DNS SANs.
-
-    ``CertificateAuthority.issue`` only writes a URI SAN (workload certificates), so the
-    leaf is built here with the CA's signing key.
-    """
+    """A serving certificate for the control plane: istiod's SPIFFE ID plus DNS SANs."""
     identity = SpiffeId(ca.trust_domain, namespace, service_account)
-    now = now or datetime.now(UTC)
-    key = generate_key()
-    # The intermediates and roots come from the CA's own chain logic; only the leaf differs.
-    workload_chain = ca.sign_csr(make_csr(identity, key), identity, ttl, now=now)
-    not_after = min(now + ttl, ca.not_after)
-    issuer = x509.load_pem_x509_certificate(ca.cert_pem)
-    san = x509.SubjectAlternativeName(
-        [x509.UniformResourceIdentifier(identity.uri)] + [x509.DNSName(n) for n in dns_names]
-    )
-    eku = x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
-                                 x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH])
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(issuer.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(eku, critical=False)
-        .add_extension(san, critical=True)
-        .sign(ca._key, hashes.SHA256())  # noqa: SLF001 (see docstring)
-    )
-    intermediates = "".join(workload_chain[1:-1]).encode()
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    cert = ca.issue(identity, ttl, now=now, dns_names=tuple(dns_names))
     return ServerCertificate(
-        chain_pem=leaf.public_bytes(serialization.Encoding.PEM) + intermediates,
-        key_pem=key_pem,
+        chain_pem=b"".join(cert.chain_pem),  # leaf first, then intermediates (no root)
+        key_pem=cert.key_pem,
         roots_pem=ca.roots_pem,
         identity=identity,
         dns_names=tuple(dns_names),

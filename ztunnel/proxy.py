@@ -102,6 +102,9 @@ class Ztunnel:
         self.pods: dict[str, PodProxy] = {}
         self.draining = False
         self._open_results: dict[asyncio.Task[Any], ConnectionResult] = {}
+        # Inbound connections that passed authorization, re-checked when policy changes.
+        self._authorized: dict[asyncio.Task[Any], _Authorized] = {}
+        self._unsubscribe = store.subscribe(self._on_config_change)
 
     # -- pod lifecycle --------------------------------------------------------------------
 
@@ -206,6 +209,33 @@ class Ztunnel:
             await asyncio.gather(*pending, return_exceptions=True)
         for uid in list(self.pods):
             await self.del_pod(uid)
+
+    # -- late policy rejection -----------------------------------------------------------
+
+    def _guard(self, pod: PodProxy, src_ip: str, identity: SpiffeId | None,
+               dst: tuple[str, int], result: ConnectionResult) -> None:
+        """Remember an authorized inbound connection so a later policy can close it."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._authorized[task] = _Authorized(pod, src_ip, identity, dst, result)
+            task.add_done_callback(self._unguard)
+
+    def _unguard(self, task: asyncio.Task[Any]) -> None:
+        self._authorized.pop(task, None)
+
+    def _on_config_change(self, state: MeshState) -> None:
+        """Re-evaluate open inbound connections; close those the new policy denies."""
+        for task, g in list(self._authorized.items()):
+            wl = g.pod.workload(state)
+            if wl is None or task.done():
+                continue
+            decision = self._authorize(state, wl, g.src_ip, g.identity, g.dst)
+            if not decision.allowed:
+                log.info("closing connection %s -> %s:%d: %s", g.src_ip, *g.dst, decision.reason)
+                g.result.close(error=f"closed by a policy change: {decision.reason}",
+                               response_flags=ResponseFlags.DENY)
+                self._authorized.pop(task, None)
+                task.cancel()
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -445,6 +475,7 @@ class Ztunnel:
             writer.transport.abort()
             result.close(0, 0, error=decision.reason, response_flags=ResponseFlags.DENY)
             return
+        self._guard(pod, peer[0], None, dst, result)
         await self._relay_tcp(pod, dst, self._orig_src(peer[0]), reader, writer, result)
 
     # -- inbound HBONE (15008) ------------------------------------------------------------
@@ -547,8 +578,18 @@ class Ztunnel:
             result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
             return
         stream = incoming.accept()
+        self._guard(pod, src_ip, peer_id, dst, result)
         r = await relay(stream, *app)
         result.close(r.from_stream, r.to_stream, error=r.error)
+
+
+@dataclass(frozen=True)
+class _Authorized:
+    pod: PodProxy
+    src_ip: str
+    identity: SpiffeId | None
+    dst: tuple[str, int]
+    result: ConnectionResult
 
 
 def _baggage(w: Workload) -> str:

@@ -4,7 +4,9 @@ Role: capture a pod's traffic with programs attached once per node to a cgroup (
 connect4/sockops/getpeername4) and per pod to tc hooks (inbound SYNs handed to ztunnel's 15006
 listener with ``bpf_sk_assign``; ztunnel's mark turned into 0x111 on ``lo``).  A pod is enrolled
 by its network-namespace cookie in the pinned ``amb_enrolled`` map; the cgroup programs ignore
-every other netns.  See ``bpf/capture.c`` for what each program does.
+every other netns.  See ``bpf/capture.c`` for what each program does.  Outbound connections
+are sent to POD_IP:15001 rather than 127.0.0.1:15001 so that the application's socket keeps
+its pod IP as local address (as under iptables REDIRECT) and ztunnel sees the pod IP as peer.
 
 Node state (``setup_node``/``teardown_node``): compiled programs, their cgroup attachments on
 ``cgroup_path`` (in Kubernetes the cgroup2 root; in the local cluster and tests a cgroup above

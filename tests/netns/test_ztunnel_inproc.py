@@ -285,6 +285,29 @@ def test_deny_policy_blocks_and_dry_run_does_not(env: Env, mesh: Callable[..., M
                                                  response_flags="-"))
 
 
+def test_policy_change_closes_an_open_connection_it_now_denies(
+    env: Env, mesh: Callable[..., Mesh]
+) -> None:
+    m = mesh()
+    dest = m.nodes["node2"]
+    src_id = str(env.identity("client-a"))
+    client = env.pods["client-a"]
+
+    async def apply(objs: list[Any]) -> list[Any]:
+        return dest.store.apply(objs)  # on ztunnel's loop, as its config sources do
+
+    with HeldConnection(client.netns, env.pods["server-b"].ip, APP_PORT) as held, \
+            HeldConnection(client.netns, env.pods["server-a2"].ip, APP_PORT) as other:
+        assert held.echo(b"before\n") == b"before\n"
+        assert other.echo(b"before\n") == b"before\n"
+        assert env.loop.run(apply([_deny_client(env, dry_run=False)])) == []
+        assert held.wait_closed(), "the connection the new policy denies stayed open"
+        assert wait_until(lambda: dest.closed_series(
+            reporter="destination", source_principal=src_id, response_flags="DENY"))
+        # node1's ztunnel (its configuration unchanged) keeps its connection open.
+        assert other.echo(b"after\n") == b"after\n"
+
+
 # ------------------------------------------------------------------------------- 4. del_pod
 
 
