@@ -86,6 +86,8 @@ class Settings:
     # ZDS socket (INPOD_UDS) served by the CNI node agent; pods then arrive over ZDS.  Unset
     # here means "no agent"; Istio's ztunnel defaults it to /var/run/ztunnel/ztunnel.sock.
     inpod_uds: str | None = None
+    # (ours) where the eBPF capture backend pins the original-destination map.
+    bpf_pin_dir: str = "/sys/fs/bpf/ambient"
     packet_mark: int = 1337
     inpod_port_reuse: bool = True
     enable_orig_src: bool = True
@@ -242,6 +244,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         secret_ttl_s=_number(env, "SECRET_TTL", 24 * 3600, minimum=1),
         inpod_pods_path=inpod_pods_path,
         inpod_uds=inpod_uds,
+        bpf_pin_dir=env.get("BPF_PIN_DIR") or "/sys/fs/bpf/ambient",
         packet_mark=_int(env, "PACKET_MARK", 1337, minimum=1),
         inpod_port_reuse=_bool(env, "INPOD_PORT_REUSE", True),
         enable_orig_src=_bool(env, "ENABLE_ORIG_SRC", True),

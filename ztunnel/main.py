@@ -28,6 +28,7 @@ from ztunnel.inpod import WorkloadProxyManager
 from ztunnel.metrics import Metrics
 from ztunnel.proxy import Ztunnel
 from ztunnel.result import ConnectionTracker
+from ztunnel.sockets import use_bpf_pin_dir
 from ztunnel.sources import ConfigWatcher, PodEntry, PodsWatcher
 from ztunnel.xds_client import XdsClient
 
@@ -135,6 +136,7 @@ def main() -> int:
         print(f"ztunnel: bad configuration: {e}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    use_bpf_pin_dir(settings.bpf_pin_dir)
     try:
         import uvloop
 

@@ -129,7 +129,10 @@ class Ztunnel:
         mark = self.settings.packet_mark
         reuse = self.settings.inpod_port_reuse
         try:
-            out_sock = listener(netns, OUTBOUND_PORT, mark=mark, reuseport=reuse)
+            # transparent: eBPF capture of virtual interfaces hands SYNs for foreign
+            # addresses to 15001 (harmless for iptables/nftables REDIRECT).
+            out_sock = listener(netns, OUTBOUND_PORT, mark=mark, reuseport=reuse,
+                                transparent=True)
             in_sock = listener(netns, INBOUND_PLAINTEXT_PORT, mark=mark, reuseport=reuse)
             pod.hbone_listener = listener(netns, INBOUND_HBONE_PORT, mark=mark, reuseport=reuse)
             pod.servers.append(

@@ -23,8 +23,6 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from ambient.cluster.netlink import IP
-
 CGROUP_ROOT_NAME = "ambient"
 
 
@@ -98,12 +96,23 @@ class PodProcess:
                 "argv": self.argv}
 
 
+NSENTER = "/usr/bin/nsenter"
+
+
+def _enter(netns: str) -> list[str]:
+    """Enter only the network namespace.  Unlike ``ip netns exec`` this keeps the host's
+    mounts: ``ip netns exec`` remounts /sys, hiding the cgroup2 and bpffs mounts the node
+    agent (eBPF capture) and ztunnel (pinned maps) need."""
+    path = netns if "/" in netns else os.path.join("/var/run/netns", netns)
+    return [NSENTER, f"--net={path}", "--"]
+
+
 def start_in_pod(cgroup: str, netns: str, argv: list[str], *, env: dict[str, str] | None = None,
                  log_path: str | None = None, cwd: str | None = None) -> PodProcess:
     """Start ``argv`` inside ``cgroup`` and the netns named ``netns``.  Use absolute paths."""
     procs = os.path.join(cgroup, "cgroup.procs")
     cmd = ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', procs,
-           IP, "netns", "exec", netns, *argv]
+           *_enter(netns), *argv]
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -119,7 +128,7 @@ def run_in_pod(cgroup: str, netns: str, argv: list[str], *, env: dict[str, str] 
     """Run a short command inside ``cgroup`` and the netns ``netns``; wait for it (bounded)."""
     procs = os.path.join(cgroup, "cgroup.procs")
     cmd = ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', procs,
-           IP, "netns", "exec", netns, *argv]
+           *_enter(netns), *argv]
     return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           env=env, timeout=timeout, check=False)
 

@@ -533,6 +533,7 @@ def destroy_from_state(run_dir: str, keep_logs: bool = False) -> list[str]:
         _attempt(errors, f"cgroup {pod.get('cgroup')}", cgroups.remove_cgroup, pod["cgroup"])
     for path in st.get("owned_paths", []):
         _attempt(errors, f"remove {path}", _remove_path, path)
+        cgroups.remove_empty_dir(os.path.dirname(path))  # e.g. /sys/fs/bpf/ambient
     for cg in st.get("node_cgroups", []):
         _attempt(errors, f"cgroup {cg}", cgroups.remove_cgroup, cg)
     for ns in reversed(st.get("netns", [])):
