@@ -21,7 +21,6 @@ and the returned chain (leaf first, root last) verified before it is used.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Callable, Mapping
@@ -423,8 +422,13 @@ class CertificateManager:
             delay = _MAX_SLEEP
             if due is not None:
                 delay = min(max((due - self._clock()).total_seconds(), 0.0), _MAX_SLEEP)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            # Not asyncio.wait_for: on Python 3.11 it swallows a cancel that races with the
+            # event being set, and stop() would then wait forever for this task.
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=delay)
+            finally:
+                waiter.cancel()
 
     def start(self) -> None:
         """Start the background rotation task on the running loop."""

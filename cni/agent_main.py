@@ -93,20 +93,24 @@ def _cgroup2_root() -> str:
     return cgroup2_mount()
 
 
-def make_source(args: argparse.Namespace) -> Callable[[Callable[[Update], None]],
-                                                      Coroutine[Any, Any, None]]:
-    """The cluster source as ``run(sink)``: local manifests or the Kubernetes API."""
-    if args.kubernetes:
-        from kubernetes import client, config  # type: ignore[import-untyped]
+def kube_client() -> Any:
+    """An ApiClient from the pod's service account, else from KUBECONFIG."""
+    from kubernetes import client, config  # type: ignore[import-untyped]
 
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def make_source(args: argparse.Namespace, api: Any = None) -> Callable[
+        [Callable[[Update], None]], Coroutine[Any, Any, None]]:
+    """The cluster source as ``run(sink)``: local manifests or the Kubernetes API."""
+    if api is not None:
         from controlplane.k8s_source import KubernetesSource
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        ks = KubernetesSource(client.ApiClient(), kinds=("Pod", "Namespace"))
-        return ks.run
+        return KubernetesSource(api, kinds=("Pod", "Namespace")).run
     if not args.manifests:
         raise SystemExit("ambient-cni-agent: give --manifests FILE (local mode) or --kubernetes")
     from controlplane.local_source import LocalSource
@@ -119,10 +123,11 @@ def make_source(args: argparse.Namespace) -> Callable[[Callable[[Update], None]]
     return run_local
 
 
-def k8s_annotator() -> Annotate:
+def k8s_annotator(api: Any) -> Annotate:
+    """Writes ``ambient.istio.io/redirection`` on the pod (a merge patch; None removes it)."""
     from kubernetes import client
 
-    core = client.CoreV1Api()
+    core = client.CoreV1Api(api)
 
     async def annotate(namespace: str, name: str, value: str | None) -> None:
         body = {"metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}}
@@ -147,10 +152,10 @@ async def run(args: argparse.Namespace) -> int:
                          excluded_namespaces=tuple(x for x in args.exclude_namespaces.split(",")
                                                    if x))
     zds = ZdsServer(args.zds_socket, lambda: agent.snapshot())
-    agent = NodeAgent(config, backend, zds, probe,
-                      k8s_annotator() if args.kubernetes else None)
+    api = kube_client() if args.kubernetes else None
+    agent = NodeAgent(config, backend, zds, probe, k8s_annotator(api) if api else None)
     await agent.restore()
-    source = make_source(args)
+    source = make_source(args, api)
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(source(agent.on_update))]
     log.info("waiting for the cluster source")
     await agent.synced.wait()

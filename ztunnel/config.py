@@ -44,15 +44,17 @@ def _prefixed(env: Mapping[str, str], prefix: str) -> dict[str, str]:
     return {k[len(prefix):]: v for k, v in sorted(env.items()) if k.startswith(prefix)}
 
 
-def _xds_headers(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+def _xds_headers(
+    env: Mapping[str, str], prefix: str = "XDS_HEADER_"
+) -> tuple[tuple[str, str], ...]:
     out = []
-    for key, value in _prefixed(env, "XDS_HEADER_").items():
+    for key, value in _prefixed(env, prefix).items():
         name = key.lower()
         if not name or not set(name) <= _HEADER_CHARS or name.startswith("grpc-"):
-            raise SettingsError(f"XDS_HEADER_{key}: {name!r} is not a usable gRPC metadata key "
+            raise SettingsError(f"{prefix}{key}: {name!r} is not a usable gRPC metadata key "
                                 "(letters, digits, '-', '_', '.'; not grpc-*)")
         if not value.isascii() or not value.isprintable():
-            raise SettingsError(f"XDS_HEADER_{key}: the value must be printable ASCII")
+            raise SettingsError(f"{prefix}{key}: the value must be printable ASCII")
         out.append((name, value))
     return tuple(out)
 
@@ -80,6 +82,12 @@ class Settings:
     # Certificates: FAKE_CA / local mode signs with a CA directory on disk.
     fake_ca: bool = False
     ca_dir: str | None = None
+    # Mesh CA client (CA_ADDRESS; ambient.certs.GrpcCaProvider), used unless FAKE_CA/CA_DIR.
+    # CA_ROOT_CA is a file, SYSTEM or inline PEM; AUTH_TOKEN is shared with the xDS client.
+    ca_address: str | None = None
+    ca_root_ca: str = DEFAULT_XDS_ROOT_CA
+    alt_ca_hostname: str | None = None
+    ca_headers: tuple[tuple[str, str], ...] = ()
     secret_ttl_s: float = 24 * 3600
     # In-pod mode.
     inpod_pods_path: str | None = None
@@ -204,11 +212,14 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         parse_xds_address(xds_address)
     fake_ca = _bool(env, "FAKE_CA", False)
     ca_dir = env.get("CA_DIR") or None
-    if env.get("CA_ADDRESS") and not (fake_ca or ca_dir):
-        raise SettingsError(
-            "CA_ADDRESS is set but the CA client is not built in this release; "
-            "set FAKE_CA=true with CA_DIR=<directory holding ca-cert.pem and ca-key.pem>"
-        )
+    ca_address = env.get("CA_ADDRESS") or None
+    if ca_address:
+        try:
+            parse_xds_address(ca_address)
+        except SettingsError:
+            raise SettingsError(f"CA_ADDRESS={ca_address!r}: expected https://host:port, "
+                                "http://host:port (plaintext) or host:port, for example "
+                                "https://istiod.istio-system.svc:15012") from None
     if fake_ca and not ca_dir:
         raise SettingsError("FAKE_CA=true needs CA_DIR=<directory with ca-cert.pem, ca-key.pem>")
     inpod_pods_path = env.get("INPOD_PODS_PATH") or None
@@ -241,6 +252,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         instance_ip=env.get("INSTANCE_IP") or "1.1.1.1",
         fake_ca=fake_ca or bool(ca_dir),
         ca_dir=ca_dir,
+        ca_address=ca_address,
+        ca_root_ca=env.get("CA_ROOT_CA") or DEFAULT_XDS_ROOT_CA,
+        alt_ca_hostname=env.get("ALT_CA_HOSTNAME") or None,
+        ca_headers=_xds_headers(env, "CA_HEADER_"),
         secret_ttl_s=_number(env, "SECRET_TTL", 24 * 3600, minimum=1),
         inpod_pods_path=inpod_pods_path,
         inpod_uds=inpod_uds,

@@ -37,8 +37,13 @@ def mesh(request: pytest.FixtureRequest,
         m.up(progress=lambda _msg: None)
         yield m
     finally:
+        cgroup_base = m.cluster.cgroup_base if m.cluster else ""
         errors = m.down()
         assert not errors, errors
+    # Leak check: nothing of the cluster is left in the kernel or on bpffs.
+    assert not os.path.exists(cgroup_base), cgroup_base
+    assert not [p for p in Path("/sys/fs/bpf/ambient").glob(f"{m.name}-*")]
+    assert not [ns for ns in os.listdir("/var/run/netns") if ns.startswith(f"{m.name}-")]
 
 
 def _wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -100,6 +105,26 @@ def test_bad_config_entry_is_rejected_and_last_good_stays(mesh: LocalMesh) -> No
         assert demo.probe(mesh, "shop/backend-2", "10.96.0.20", 5432).ok
     finally:
         path.write_text(original + "\n")
+
+
+def test_agent_restart_keeps_capture_and_resyncs_ztunnel(mesh: LocalMesh) -> None:
+    """The data path does not depend on the agent; a new agent restores its checkpoint,
+    re-applies the rules and gives the reconnecting ztunnel a complete snapshot."""
+    assert mesh.cluster is not None
+    backend_ip = mesh.pods["shop/backend-1"].ip
+    mesh.cluster.stop_process(mesh.agents["node-a"])
+    assert demo.probe(mesh, "shop/frontend", backend_ip, 8080).ok  # ztunnel still serves
+    assert demo.strict_refuses_plaintext(mesh).passed  # and capture is still in place
+    mesh.start_agent("node-a")
+    log = mesh.agent_log_path("node-a")
+    # every pod sandbox of node-a: frontend, backend-2 (captured) and legacy/client (not)
+    assert _wait_for(lambda: "restored 3 pods" in log.read_text()), log.read_text()[-2000:]
+    assert _wait_for(lambda: log.read_text().count("snapshot delivered") >= 2)
+    mesh.refresh_enrolled()
+    assert {"shop/frontend", "shop/backend-2"} <= mesh.enrolled
+    assert demo.probe(mesh, "shop/frontend", backend_ip, 8080).ok
+    states = mesh.config_dump("node-a")["workloadState"].values()
+    assert {s["info"]["name"] for s in states} == {"frontend", "backend-2"}
 
 
 def test_sigterm_drains_and_captured_traffic_then_fails_closed(mesh: LocalMesh) -> None:
