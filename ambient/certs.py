@@ -94,8 +94,9 @@ class GrpcCaProvider:
     """Fetches certificates from the mesh CA (istiod or our control plane) over gRPC.
 
     ``root_ca_pem`` is the CA server's TLS root (``CA_ROOT_CA``); ``None`` means plaintext
-    (tests, the local mesh's loopback CA).  ``token_path`` (``AUTH_TOKEN``) is read on every
-    call; ``None`` sends no token.  ``headers`` are extra metadata (``CA_HEADER_*``).
+    (tests, the local mesh's loopback CA); ``b""`` means the system roots.  ``token_path``
+    (``AUTH_TOKEN``) is read on every call; ``token`` is a fixed token instead; with neither,
+    no token is sent.  ``headers`` are extra metadata (``CA_HEADER_*``).
     """
 
     def __init__(
@@ -110,8 +111,10 @@ class GrpcCaProvider:
         headers: Mapping[str, str] | None = None,
         impersonate: bool = True,
         timeout: timedelta = timedelta(seconds=10),
+        token: str | None = None,
     ) -> None:
         self.address = address
+        self._token = token
         self._root_ca_pem = root_ca_pem
         self._token_path = token_path
         self._cluster_id = cluster_id
@@ -152,6 +155,8 @@ class GrpcCaProvider:
                     "service account token (audience istio-ca) mounted there (AUTH_TOKEN)?"
                 ) from exc
             md.append(("authorization", f"Bearer {token}"))
+        elif self._token:
+            md.append(("authorization", f"Bearer {self._token}"))
         return md
 
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:

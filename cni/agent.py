@@ -255,6 +255,12 @@ class NodeAgent:
         ``ztunnel_first`` (late enrollment of a running pod) opens ztunnel's listeners before
         the redirection so no connection is refused on the way; rules are applied either way.
         """
+        v6 = [ip for ip in pod.ips if ":" in ip]
+        if v6:  # capture is IPv4-only: refuse rather than leave IPv6 traffic uncaptured
+            return CODE_CAPTURE_FAILED, (
+                f"pod {pod.key} has IPv6 addresses {v6}, and ambient capture is IPv4-only in "
+                f"this release; give ambient pods IPv4 only or opt the pod out with "
+                f"istio.io/dataplane-mode=none")
         zerr: str | None = None
         if ztunnel_first:
             zerr = await self._zds_add(pod)

@@ -52,15 +52,48 @@ def config_dump(zt: Ztunnel, inpod: WorkloadProxyManager | None = None) -> dict[
     return dump
 
 
+def cert_provider(settings: Settings, ca: CertificateAuthority | None) -> CertificateProvider:
+    """FAKE_CA/CA_DIR signs locally; otherwise the mesh CA at CA_ADDRESS over gRPC."""
+    ttl = timedelta(seconds=settings.secret_ttl_s)
+    if ca is not None:
+        return LocalCaProvider(ca, ttl)
+    assert settings.ca_address
+    target, plaintext = parse_xds_address(settings.ca_address)
+    root: bytes | None = None
+    if not plaintext:
+        raw = settings.ca_root_ca
+        if raw == "SYSTEM":
+            root = b""  # the system trust store
+        elif "-----BEGIN CERTIFICATE-----" in raw:
+            root = raw.encode()
+        else:
+            try:
+                root = Path(raw).read_bytes()
+            except OSError as e:
+                raise OSError(f"CA_ROOT_CA={raw!r}: {e}; mount the mesh root "
+                              "(ConfigMap istio-ca-root-cert) there, or set SYSTEM") from e
+    token = settings.auth_token
+    is_path = bool(token) and ("/" in str(token) or os.path.exists(str(token)))
+    return GrpcCaProvider(target, root, token if is_path else None, settings.cluster_id,
+                          ttl=ttl, alt_hostname=settings.alt_ca_hostname,
+                          headers=dict(settings.ca_headers),
+                          token=None if is_path else token)
+
+
 async def run(settings: Settings) -> int:
     try:
         ca = CertificateAuthority.load_dir(settings.ca_dir) if settings.ca_dir else None
     except (CaError, OSError) as e:
         log.error("cannot load the CA from CA_DIR=%s: %s", settings.ca_dir, e)
         return 1
-    if ca is None:
-        log.error("no certificate source: set FAKE_CA=true and CA_DIR (the CA client "
-                  "arrives with the control plane)")
+    if ca is None and not settings.ca_address:
+        log.error("no certificate source: set CA_ADDRESS (the mesh CA, e.g. "
+                  "https://istiod.istio-system.svc:15012), or FAKE_CA=true with CA_DIR")
+        return 1
+    try:
+        provider = cert_provider(settings, ca)
+    except OSError as e:
+        log.error("cannot set up the CA client: %s", e)
         return 1
     store = MeshStore(root_namespace=settings.root_namespace)
     metrics = Metrics(version=__version__)
@@ -68,7 +101,7 @@ async def run(settings: Settings) -> int:
     readiness = Readiness()
     state_ready = readiness.register("state manager")
     pods_ready = readiness.register("workload proxy manager")
-    certs = CertificateManager(LocalCaProvider(ca, timedelta(seconds=settings.secret_ttl_s)))
+    certs = CertificateManager(provider)
     certs.start()
     zt = Ztunnel(settings, store, certs, metrics, tracker)
     stop = asyncio.Event()

@@ -113,6 +113,18 @@ def test_add_fails_when_capture_fails(tmp_path: Path, netns_file: str) -> None:
     run(go())
 
 
+def test_add_refuses_ipv6_pods_rather_than_leave_them_uncaptured(
+        tmp_path: Path, netns_file: str) -> None:
+    async def go() -> None:
+        agent, backend, zds = make_agent(tmp_path)
+        agent.on_update(update(ns_obj("default", True), pod_obj("a")))
+        ev = dataclasses.replace(add_event("a", netns_file), ips=["10.0.0.5", "fd00::5"])
+        reply = await agent.handle_event(ev)
+        assert not reply.ok and "IPv6" in reply.message
+        assert backend.calls == [] and zds.calls == []
+    run(go())
+
+
 def test_add_unknown_pod_asks_runtime_to_retry(tmp_path: Path, netns_file: str) -> None:
     async def go() -> None:
         agent, backend, _ = make_agent(tmp_path)
