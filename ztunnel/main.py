@@ -15,15 +15,21 @@ import os
 import signal
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from ambient import __version__
 from ambient.ca import CaError, CertificateAuthority
-from ambient.certs import CertificateManager, LocalCaProvider
+from ambient.certs import (
+    CertificateManager,
+    CertificateProvider,
+    GrpcCaProvider,
+    LocalCaProvider,
+)
 from ambient.store import MeshStore
 from ztunnel.accesslog import configure_logging
 from ztunnel.admin import AdminServer, Readiness, ReadinessServer, StatsServer
-from ztunnel.config import Settings, SettingsError, from_env
+from ztunnel.config import Settings, SettingsError, from_env, parse_xds_address
 from ztunnel.inpod import WorkloadProxyManager
 from ztunnel.metrics import Metrics
 from ztunnel.proxy import Ztunnel
@@ -157,6 +163,8 @@ async def run(settings: Settings) -> int:
         t.cancel()
     await zt.drain(settings.termination_deadline_s)
     await certs.stop()
+    if isinstance(provider, GrpcCaProvider):
+        await provider.close()
     for srv in (admin, stats, ready_srv):
         await srv.close()
     return 0

@@ -269,3 +269,28 @@ def test_tls_to_the_ca_with_alt_hostname(tmp_path: Path) -> None:
             await server.stop(None)
 
     run(main())
+
+
+def test_ztunnel_settings_build_a_working_grpc_provider(tmp_path: Path) -> None:
+    from ztunnel.config import from_env
+    from ztunnel.main import cert_provider
+
+    async def main() -> None:
+        server, port = await start_ca()
+        env = {"CA_ADDRESS": f"http://127.0.0.1:{port}", "AUTH_TOKEN": token_file(tmp_path),
+               "CLUSTER_ID": "c9", "SECRET_TTL": "1h", "CA_HEADER_X_TEAM": "mesh"}
+        provider = cert_provider(from_env(env), None)
+        assert isinstance(provider, GrpcCaProvider)
+        try:
+            cert = await provider.fetch(WEB)
+            assert cert.identity == WEB
+            assert timedelta(minutes=59) <= cert.not_after - cert.not_before <= timedelta(
+                minutes=62)
+        finally:
+            await provider.close()
+            await server.stop(None)
+        with pytest.raises(OSError, match="CA_ROOT_CA"):
+            cert_provider(from_env({"CA_ADDRESS": "https://istiod:15012",
+                                    "CA_ROOT_CA": str(tmp_path / "missing.pem")}), None)
+
+    run(main())
