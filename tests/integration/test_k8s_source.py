@@ -93,10 +93,13 @@ def server_objects(server: FakeApiServer, kinds: tuple[str, ...] = KINDS) -> dic
 async def start(server: FakeApiServer, **kw: Any) -> tuple[KubernetesSource, Recorder,
                                                             asyncio.Task[None]]:
     kw.setdefault("backoff", fast_backoff)
+    kinds = kw.pop("open_kinds", kw.get("kinds", KINDS))
     src = KubernetesSource(server.api_client(), **kw)
     rec = Recorder()
     task = asyncio.create_task(src.run(rec))
     await asyncio.wait_for(src.wait_synced(), 20)
+    # Hooks such as bookmark() and expire_watches() act on open watches only.
+    await until(lambda: all(server.open_watches(k) for k in kinds), "every watch to open")
     return src, rec, task
 
 
@@ -194,7 +197,6 @@ def test_compacted_resource_version_gets_410_and_the_source_relists() -> None:
                 server.create(obj)
             src, rec, task = await start(server)
             try:
-                await until(lambda: all(server.open_watches(k) for k in KINDS), "all watches")
                 server.pause_watches()
                 server.drop_watches()
                 await until(lambda: all(s.errors >= 1 for s in src.status.values()),
@@ -237,7 +239,6 @@ def test_dropped_watches_reconnect_with_growing_backoff(server: FakeApiServer) -
         src, rec, task = await start(server, kinds=("Pod",))
         try:
             lists = len(server.list_requests("pods"))
-            await until(lambda: server.open_watches("Pod") == 1, "the pod watch")
             server.fail_requests(4)  # the next four pod watches answer 500
             server.drop_watches()
             await until(lambda: len(src.status["Pod"].delays) >= 5, "five retries")
@@ -257,7 +258,8 @@ def test_dropped_watches_reconnect_with_growing_backoff(server: FakeApiServer) -
 def test_a_kind_not_served_yet_does_not_block_sync(server: FakeApiServer) -> None:
     async def main() -> None:
         server.hide_kind("HTTPRoute")
-        src, rec, task = await start(server)
+        src, rec, task = await start(server,
+                                     open_kinds=tuple(k for k in KINDS if k != "HTTPRoute"))
         try:
             assert not any(k.startswith("HTTPRoute/") for k in rec.updates[0].upserts)
             assert src.status["HTTPRoute"].served is False
@@ -274,3 +276,32 @@ def test_a_kind_not_served_yet_does_not_block_sync(server: FakeApiServer) -> Non
 def test_unknown_kind_is_refused() -> None:
     with FakeApiServer() as srv, pytest.raises(ValueError, match="no list/watch API"):
         KubernetesSource(srv.api_client(), kinds=("Pod", "Deployment"))
+
+
+def test_pod_annotation_patches_over_http_reach_the_source(server: FakeApiServer) -> None:
+    import kubernetes.client
+
+    async def main() -> None:
+        src, rec, task = await start(server, kinds=("Pod",))
+        try:
+            v1 = kubernetes.client.CoreV1Api(server.api_client())
+            key = "ambient.istio.io/redirection"
+            await asyncio.to_thread(v1.patch_namespaced_pod, "web-1", "default",
+                                    {"metadata": {"annotations": {key: "enabled"}}})
+            await until(lambda: rec.store.objects["Pod/default/web-1"]["metadata"]
+                        .get("annotations", {}).get(key) == "enabled", "the merge patch")
+            await asyncio.to_thread(v1.patch_namespaced_pod, "web-2", "default", [
+                {"op": "add", "path": "/metadata/annotations",
+                 "value": {key: "pending"}}])
+            await until(lambda: rec.store.objects["Pod/default/web-2"]["metadata"]
+                        .get("annotations", {}).get(key) == "pending", "the JSON patch")
+            stale = server.get("Pod", "web-3", "default")
+            assert stale is not None
+            server.patch("Pod", "web-3", {"metadata": {"labels": {"x": "y"}}}, "default")
+            with pytest.raises(kubernetes.client.ApiException) as info:
+                await asyncio.to_thread(v1.replace_namespaced_pod, "web-3", "default", stale)
+            assert info.value.status == 409
+        finally:
+            await stop(task)
+
+    run(main())
