@@ -26,15 +26,18 @@ from typing import Any
 import yaml
 
 from ambient.ca import CertificateAuthority
-from ambient.cluster.cluster import LocalCluster, PodHandle
+from ambient.cluster.cluster import CLUSTER_SERVICES_IP, LocalCluster, PodHandle
 from ambient.cluster.cni import CNI_PATH, CniError
 from ambient.cluster.echo import http_get
+from ambient.netns import netns_path, socket_in_netns
 from cni.capture import default_backend_name
 from cni.capture.base import BACKENDS
 from cni.install import install_launcher
 
 log = logging.getLogger("ambient.mesh")
 ZTUNNEL_READY_TIMEOUT = 30.0
+CONTROLPLANE_TLS_PORT = 15012
+ISTIOD_HOST = "istiod.istio-system.svc"  # the DNS SAN of the control plane's certificate
 AGENT_READY_PORT = 8000
 PLUGIN_TYPE = "ambient-cni"
 REPO = Path(__file__).resolve().parents[2]
@@ -59,6 +62,7 @@ class LocalMesh:
     agents: dict[str, Any] = field(default_factory=dict)  # node -> process
     ztunnel_slot: dict[str, int] = field(default_factory=dict)  # node -> port slot (0 or 1)
     backend: str = ""  # the capture backend the agents use
+    controlplane: Any = None  # the control plane process
 
     @property
     def run_dir(self) -> Path:
@@ -94,6 +98,9 @@ class LocalMesh:
         write_plugin_launcher(bin_dir)
         self.write_manifests()
         CertificateAuthority.generate().save_dir(self.run_dir / "ca")
+        self.start_controlplane(nodes)
+        progress(f"  control plane: delta xDS + CA on {CLUSTER_SERVICES_IP}:15012 (mTLS), "
+                 f"reading {self.manifests_path}")
         for node in nodes:
             self.start_agent(node)
             self.start_ztunnel(node)
@@ -127,6 +134,34 @@ class LocalMesh:
         self.wait_config()
         return self
 
+    def start_controlplane(self, nodes: list[str],
+                           timeout: float = ZTUNNEL_READY_TIMEOUT) -> Any:
+        """The control plane in the underlay netns (reachable from every node): it watches
+        the cluster's manifests, serves delta xDS and signs certificates on
+        CLUSTER_SERVICES_IP:15012 (TLS), and mints each node's ztunnel token."""
+        assert self.cluster is not None
+        argv = [sys.executable, "-m", "ambient.cli", "controlplane",
+                "--manifests", str(self.manifests_path),
+                "--xds-plain", "127.0.0.1:15010",
+                "--xds-tls", f"{CLUSTER_SERVICES_IP}:{CONTROLPLANE_TLS_PORT}",
+                "--ca-dir", str(self.run_dir / "ca"),
+                "--node-token-dir", str(self.run_dir / "tokens")]
+        self.controlplane = self.cluster.start_cluster_process("controlplane", argv, env=_env())
+        deadline = time.monotonic() + timeout
+        node_ns = self.cluster.nodes[nodes[0]].netns
+        while time.monotonic() < deadline:
+            if self.controlplane.popen is not None and self.controlplane.popen.poll() is not None:
+                break
+            if all((self.run_dir / "tokens" / n).exists() for n in nodes) and _listening(
+                    node_ns, CLUSTER_SERVICES_IP, CONTROLPLANE_TLS_PORT):
+                return self.controlplane
+            time.sleep(0.2)
+        raise MeshError(f"the control plane did not start; see {self.controlplane_log_path}")
+
+    @property
+    def controlplane_log_path(self) -> Path:
+        return self.run_dir / "logs" / "_controlplane.log"
+
     def agent_dir(self, node: str) -> Path:
         return self.run_dir / "nodes" / node / "cni-agent"
 
@@ -157,10 +192,15 @@ class LocalMesh:
         1: +100), so a second one can overlap with the first during a restart."""
         assert self.cluster is not None
         off = 100 * slot
+        assert self.cluster is not None
+        cp = f"https://{CLUSTER_SERVICES_IP}:{CONTROLPLANE_TLS_PORT}"
+        root = str(self.run_dir / "ca" / "root-cert.pem")
         env = {
-            "LOCAL_MANIFESTS_PATH": str(self.manifests_path),
-            "FAKE_CA": "true",
-            "CA_DIR": str(self.run_dir / "ca"),
+            "XDS_ADDRESS": cp, "XDS_ROOT_CA": root, "ALT_XDS_HOSTNAME": ISTIOD_HOST,
+            "CA_ADDRESS": cp, "CA_ROOT_CA": root, "ALT_CA_HOSTNAME": ISTIOD_HOST,
+            "AUTH_TOKEN": str(self.run_dir / "tokens" / node),
+            "POD_NAME": f"ztunnel-{node}", "POD_NAMESPACE": "istio-system",
+            "INSTANCE_IP": self.cluster.nodes[node].underlay_ip,
             "NODE_NAME": node,
             "INPOD_UDS": str(self.zds_socket(node)),
             "ADMIN_ADDR": f"127.0.0.1:{15000 + off}",
@@ -319,7 +359,7 @@ class LocalMesh:
 
 def remove_run_dir(run_dir: Path) -> None:
     """Remove what the mesh wrote into its run dir (CA, manifests, pods files), then the dir."""
-    for d in ("ca", "nodes", "cni-bin"):
+    for d in ("ca", "nodes", "cni-bin", "tokens"):
         shutil.rmtree(run_dir / d, ignore_errors=True)
     for f in [run_dir / "manifests.yaml", run_dir / "manifests.tmp"]:
         f.unlink(missing_ok=True)
@@ -345,6 +385,16 @@ def write_plugin_launcher(bin_dir: Path) -> Path:
     (runtimes give plugins a minimal environment)."""
     install_launcher(str(bin_dir), sys.executable, str(REPO))
     return bin_dir / PLUGIN_TYPE
+
+
+def _listening(netns: str, host: str, port: int) -> bool:
+    try:
+        with socket_in_netns(netns_path(netns)) as s:
+            s.settimeout(1.0)
+            s.connect((host, port))
+        return True
+    except OSError:
+        return False
 
 
 def _env() -> dict[str, str]:
