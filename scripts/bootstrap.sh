@@ -20,6 +20,7 @@ APT_PACKAGES=(
   bpfcc-tools python3-bpfcc libbpfcc bpftool linux-libc-dev
   containernetworking-plugins
   curl procps psmisc
+  stunnel4 haproxy iperf3 nghttp2-client wrk nginx-light  # make bench: peers and load tools
 )
 STAMP=.venv/.bootstrap-stamp
 INPUTS_HASH=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)

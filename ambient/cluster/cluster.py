@@ -308,11 +308,13 @@ class LocalCluster:
     # ------------------------------------------------------------------ processes
 
     def start_app(self, pod: str | PodHandle, argv: list[str], *,
-                  env: dict[str, str] | None = None) -> cgroups.PodProcess:
+                  env: dict[str, str] | None = None,
+                  log_name: str | None = None) -> cgroups.PodProcess:
         """Start ``argv`` (absolute paths) in the pod's cgroup and netns; output to a log in
-        ``<run_dir>/logs``.  Stopped by remove_pod/destroy."""
+        ``<run_dir>/logs`` (``<pod>.log``, or ``<log_name>.log``).  Stopped by
+        remove_pod/destroy."""
         p = self._pod(pod)
-        return self._start(p.name, p.cgroup, p.netns, argv, env)
+        return self._start(p.name, p.cgroup, p.netns, argv, env, log_name)
 
     def run_in_pod(self, pod: str | PodHandle, argv: list[str], *,
                    timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -414,6 +416,10 @@ class LocalCluster:
             self._state["processes"] = [x for x in self._state.get("processes", [])
                                         if x["pid"] != proc.pid]
             self._save()
+
+    def log_path(self, name: str) -> str:
+        """``<run_dir>/logs/<name>.log``: where a process started with ``name`` logs."""
+        return self._log_path(name)
 
     def _log_path(self, owner: str) -> str:
         return os.path.join(self.run_dir, "logs", f"{owner}.log")

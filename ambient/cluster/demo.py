@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -195,6 +196,54 @@ def unenrollment(mesh: LocalMesh) -> Scenario:
                     + ("" if r.ok else f"; {r.error}"))
 
 
+def policy_change_live(mesh: LocalMesh) -> Scenario:
+    """Editing a policy in the manifests reaches the ztunnels through the control plane and
+    closes an open connection the new policy denies (late rejection); restoring reopens."""
+    db = mesh.pods["shop/db"]
+    held = mesh.hold("shop/backend-2", "10.96.0.20", 5432)
+    connected = _until(lambda: held.state() != "starting") and held.state() == "connected"
+    old: list[str] = []
+
+    def set_principals(principals: list[str]) -> Callable[[dict[str, Any]], None]:
+        def change(o: dict[str, Any]) -> None:
+            src = o["spec"]["rules"][0]["from"][0]["source"]
+            old[:] = old or src["principals"]
+            src["principals"] = principals
+        return change
+
+    labels = {"reporter": "destination", "destination_workload": "db",
+              "response_flags": "DENY", "source_principal": SPIFFE.format(ns="shop", sa="backend")}
+    before = metric_value(mesh.metrics(db.node), "istio_tcp_connections_closed_total", **labels)
+    try:
+        mesh.update_object("AuthorizationPolicy", "shop", "db-allow-backend",
+                           set_principals(["cluster.local/ns/shop/sa/nobody"]))
+        cut = _until(lambda: held.state() == "closed", timeout=20)
+        refused = not probe(mesh, "shop/backend-2", "10.96.0.20", 5432, timeout=3).ok
+        after = metric_value(mesh.metrics(db.node), "istio_tcp_connections_closed_total",
+                             **labels)
+    finally:
+        mesh.update_object("AuthorizationPolicy", "shop", "db-allow-backend",
+                           set_principals(old or ["cluster.local/ns/shop/sa/backend"]))
+        assert mesh.cluster is not None
+        mesh.cluster.stop_process(held.proc)
+    restored = _until(lambda: probe(mesh, "shop/backend-2", "10.96.0.20", 5432).ok, timeout=20)
+    ok = connected and cut and refused and after > before and restored
+    return Scenario("policy edited live: the open connection it now denies is closed", ok,
+                    f"backend-2 -> db held open: {connected}; after the edit the control plane "
+                    f"pushed it and db's ztunnel closed the connection: {cut} (DENY recorded: "
+                    f"{after > before}), new ones refused: {refused}; policy restored and "
+                    f"traffic back: {restored}")
+
+
+def _until(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return pred()
+
+
 def ztunnel_restart(mesh: LocalMesh) -> Scenario:
     """New connections keep succeeding while node-a's ztunnel is replaced."""
     fe, be = mesh.pods["shop/frontend"], mesh.pods["shop/backend-1"]
@@ -226,7 +275,8 @@ def ztunnel_restart(mesh: LocalMesh) -> Scenario:
 SCENARIOS: list[Callable[[LocalMesh], Scenario]] = [
     mtls_cross_node, mtls_same_node, service_vip, policy_allows_backend,
     policy_denies_frontend, strict_refuses_plaintext, unenrolled_bypass,
-    passthrough_to_unenrolled, late_enrollment, unenrollment, ztunnel_restart,
+    passthrough_to_unenrolled, late_enrollment, unenrollment, policy_change_live,
+    ztunnel_restart,
 ]
 
 

@@ -129,7 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--host", required=True)
     pp.add_argument("--port", type=int, default=8080)
     pp.add_argument("--timeout", type=float, default=5.0)
+    hp = sub.add_parser("hold", help="open one connection and keep it alive (a ping per "
+                                      "interval) until the peer closes it; print each step")
+    hp.add_argument("--host", required=True)
+    hp.add_argument("--port", type=int, default=8080)
+    hp.add_argument("--max-seconds", type=float, default=60.0)
     args = ap.parse_args(argv)
+    if args.cmd == "hold":
+        return hold(args.host, args.port, args.max_seconds)
     if args.cmd == "probe":
         r = tcp_probe(None, args.host, args.port, timeout=args.timeout)
         print(json.dumps({"ok": r.ok, "greeting": r.greeting,
@@ -140,6 +147,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------- client
+
+
+def hold(host: str, port: int, max_seconds: float, interval: float = 0.2) -> int:
+    """A long-lived client: prints ``connected <greeting>``, then pings until the connection
+    is closed or reset (prints ``closed <why>``, exit 0) or ``max_seconds`` pass (exit 1)."""
+    deadline = time.monotonic() + max_seconds
+    try:
+        s = _connect(None, host, port, 5.0, None)
+        greeting, _ = _read_line(s, time.monotonic() + 5.0)
+    except OSError as e:
+        print(f"failed {e!r}", flush=True)
+        return 1
+    print(f"connected {greeting}", flush=True)
+    with s:
+        while time.monotonic() < deadline:
+            try:
+                s.settimeout(2.0)
+                s.sendall(b"ping\n")
+                if not s.recv(64):
+                    print("closed eof", flush=True)
+                    return 0
+            except OSError as e:
+                print(f"closed {e!r}", flush=True)
+                return 0
+            time.sleep(interval)
+    print("timeout", flush=True)
+    return 1
+
 
 
 @dataclass

@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,28 @@ class LocalMesh:
                     if p.get("captured"):
                         self.enrolled.add(f"{p['namespace']}/{p['name']}")
 
+    def hold(self, src: str, host: str, port: int, max_seconds: float = 60.0) -> HeldApp:
+        """A long-lived connection made by one of ``src``'s applications (see ``echo hold``)."""
+        assert self.cluster is not None
+        name = f"hold-{src.replace('/', '-')}-{int(time.monotonic() * 1000) % 100000}"
+        proc = self.cluster.start_app(
+            self.pods[src], [sys.executable, "-m", "ambient.cluster.echo", "hold", "--host",
+                             host, "--port", str(port), "--max-seconds", str(max_seconds)],
+            env=_env(), log_name=name)
+        return HeldApp(proc, Path(self.cluster.log_path(name)))
+
+    def update_object(self, kind: str, namespace: str, name: str,
+                      change: Callable[[dict[str, Any]], None]) -> None:
+        """Edit one object of the cluster's manifests in place (``kubectl edit``)."""
+        for o in self.objects:
+            meta = o.get("metadata") or {}
+            if o.get("kind") == kind and meta.get("name") == name and (
+                    kind == "Namespace" or meta.get("namespace", "default") == namespace):
+                change(o)
+                self.write_manifests()
+                return
+        raise MeshError(f"no {kind} {namespace}/{name} in the manifests")
+
     def set_labels(self, kind: str, namespace: str, name: str,
                    labels: dict[str, str | None]) -> None:
         """Change labels of an object in the cluster's manifests (``None`` removes one), as
@@ -355,6 +378,25 @@ class LocalMesh:
         if not errors:
             remove_run_dir(self.run_dir)
         return errors
+
+
+@dataclass
+class HeldApp:
+    """A pod application holding one connection open (``echo hold``); ``state`` reads its log:
+    ``connected``, ``closed``, ``failed``, ``timeout`` or ``starting``."""
+
+    proc: Any
+    log: Path
+
+    def state(self) -> str:
+        try:
+            lines = self.log.read_text().split()
+        except FileNotFoundError:
+            return "starting"
+        for word in ("closed", "failed", "timeout", "connected"):
+            if word in lines:
+                return word
+        return "starting"
 
 
 def remove_run_dir(run_dir: Path) -> None:

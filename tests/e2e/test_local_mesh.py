@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from ambient.cluster import demo
+from ambient.cluster.echo import tcp_probe
 from ambient.cluster.mesh import LocalMesh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
@@ -90,6 +91,17 @@ def test_access_log_has_one_line_per_connection(mesh: LocalMesh) -> None:
     assert 'src.identity="spiffe://cluster.local/ns/shop/sa/backend"' in new[0]
 
 
+def test_kubelet_probes_reach_strict_pods_through_probe_snat(mesh: LocalMesh) -> None:
+    """A node-local health probe (the kubelet's) is SNATed to 169.254.7.127, which capture
+    lets through, so STRICT does not break probes; a pod on another node still cannot."""
+    be = mesh.pods["shop/backend-1"]
+    r = tcp_probe(mesh.node_netns(be.node), be.ip, 8080)
+    assert r.ok, r.error
+    assert r.seen_client is not None and r.seen_client[0] == "169.254.7.127"
+    other = next(n for n in mesh.ztunnels if n != be.node)
+    assert not tcp_probe(mesh.node_netns(other), be.ip, 8080, timeout=3).ok
+
+
 def test_bad_config_entry_is_rejected_and_last_good_stays(mesh: LocalMesh) -> None:
     path = mesh.run_dir / "manifests.yaml"
     original = path.read_text()
@@ -99,7 +111,8 @@ def test_bad_config_entry_is_rejected_and_last_good_stays(mesh: LocalMesh) -> No
             d["spec"]["rules"][0]["to"][0]["operation"]["ports"] = ["not-a-port"]
     try:
         path.write_text(yaml.safe_dump_all(docs))
-        assert _wait_for(lambda: "not-a-port" in mesh.log_path("node-b").read_text())
+        # The control plane rejects the object and keeps pushing its last good translation.
+        assert _wait_for(lambda: "not-a-port" in mesh.controlplane_log_path.read_text())
         # The last good policy still applies: frontend is still denied, backend allowed.
         assert not demo.probe(mesh, "shop/frontend", "10.96.0.20", 5432).ok
         assert demo.probe(mesh, "shop/backend-2", "10.96.0.20", 5432).ok
