@@ -157,10 +157,13 @@ async def run(
     pipeline: PipelineLike | None = None,
     stop: asyncio.Event | None = None,
     on_started: Callable[[ControlPlaneServer], None] | None = None,
+    api: Any = None,
 ) -> int:
     """Run until ``stop`` is set (or a signal arrives); returns the exit status.
 
-    ``feed(sink)`` runs the object source (default: ``LocalSource`` on ``opts.manifests``).
+    ``feed(sink)`` runs the object source (default: ``LocalSource`` on ``opts.manifests``, or
+    ``KubernetesSource`` on ``api`` (an ApiClient; built from the environment when None) with
+    ``opts.kubernetes``).
     """
     ca = None
     if opts.xds_tls is not None or opts.ca_dir is not None:
@@ -179,8 +182,7 @@ async def run(
 
         pipeline = Pipeline(TranslateSettings(cluster_id=opts.cluster_id,
                                               trust_domain=opts.trust_domain))
-    api = None
-    if opts.kubernetes:
+    if opts.kubernetes and api is None:
         from cni.agent_main import kube_client
 
         api = kube_client()

@@ -58,6 +58,6 @@ echo "$(pwd)/.venv/debian-bindings" > "$site/debian-bindings.pth"
 
 echo "bootstrap: installing Python dependencies into .venv"
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,bench]'
 echo "$INPUTS_HASH" > "$STAMP"
 echo "bootstrap: ready"

@@ -4,7 +4,8 @@ apart so a slow admin request can never fail a readiness probe):
 - admin, ``127.0.0.1:15000`` (localhost only; it can shut the process down): ``/`` index,
   ``/config_dump`` (JSON from a callable), ``/logging`` (GET lists; POST ``?level=<directives>``,
   ``?<target>=<level>``, ``?reset``), ``/quitquitquit`` (POST: graceful shutdown),
-  ``/connections`` (live connections, an addition of ours);
+  ``/connections`` (live connections, an addition of ours), ``/tap`` (a stream of connection
+  events, newline-delimited JSON, see ``ztunnel.tap``; also ours);
 - stats, ``0.0.0.0:15020``: ``/metrics`` and ``/stats/prometheus``;
 - readiness, ``0.0.0.0:15021``: ``/healthz/ready``: ``200 ready`` once every task registered with
   ``Readiness`` is done, else ``500 not ready, pending: a, b`` (upstream's status and text).
@@ -31,6 +32,7 @@ from ztunnel import accesslog
 from ztunnel.httpserve import HttpServer, Request, Response, text
 from ztunnel.metrics import Metrics
 from ztunnel.result import ConnectionTracker
+from ztunnel.tap import TapHub
 
 __all__ = [
     "ADMIN_ADDR",
@@ -197,6 +199,7 @@ ConnectionsSource = ConnectionTracker | Callable[[], list[dict[str, Any]]]
 _ENDPOINTS = (
     ("config_dump", "dump the current Ztunnel configuration"),
     ("connections", "list the connections this ztunnel is proxying now"),
+    ("tap", "stream connection open/close events (newline-delimited JSON)"),
     ("logging", "query/changing logging levels"),
     ("quitquitquit", "shut down the server"),
 )
@@ -217,18 +220,23 @@ class AdminServer(_Server):
         shutdown: ShutdownFn | None = None,
         connections: ConnectionsSource | None = None,
         *,
+        tap: TapHub | None = None,
         read_timeout: float = 10.0,
     ):
         super().__init__(read_timeout)
         self.config_dump = config_dump
         self.shutdown = shutdown
         self.connections = connections
+        if tap is None and isinstance(connections, ConnectionTracker):
+            tap = TapHub(connections)
+        self.tap = tap
 
     async def handle(self, req: Request) -> Response:
         route = {
             "/": self._index,
             "/config_dump": self._config_dump,
             "/connections": self._connections,
+            "/tap": self._tap,
             "/logging": self._logging,
             "/quitquitquit": self._quit,
         }.get(req.path)
@@ -267,6 +275,13 @@ class AdminServer(_Server):
         else:
             conns = src()
         return Response(200, json.dumps(conns, indent=2, default=to_jsonable), "application/json")
+
+    async def _tap(self, req: Request) -> Response:
+        if req.method != "GET":
+            return _method_not_allowed("GET")
+        if self.tap is None:
+            return text(503, "tap is not wired up in this process (no connection tracker)")
+        return Response(200, b"", "application/x-ndjson", stream=self.tap.stream())
 
     async def _logging(self, req: Request) -> Response:
         if req.method not in ("GET", "HEAD", "POST"):

@@ -12,7 +12,9 @@ small and defensive rather than fast:
 
 A handler is ``async def handler(req: Request) -> Response``. ``Response.after`` is an optional
 callable run once the response has been written (``/quitquitquit`` uses it so that the client
-gets its answer before the process starts shutting down).
+gets its answer before the process starts shutting down). ``Response.stream`` (an async
+iterator of bytes) makes a streaming response: no ``Content-Length``, the body is written
+chunk by chunk until the iterator ends or the client goes away (``/tap`` uses it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -55,6 +57,7 @@ class Response:
     content_type: str = "text/plain; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
     after: Callable[[], Any] | None = None
+    stream: AsyncIterator[bytes] | None = None
 
     def encode(self, head_only: bool = False) -> bytes:
         body = self.body.encode() if isinstance(self.body, str) else self.body
@@ -64,7 +67,8 @@ class Response:
             reason = "Unknown"
         lines = [f"HTTP/1.1 {self.status} {reason}"]
         hdrs = {"Content-Type": self.content_type, **self.headers}
-        hdrs["Content-Length"] = str(len(body))
+        if self.stream is None:
+            hdrs["Content-Length"] = str(len(body))
         hdrs["Connection"] = "close"
         lines += [f"{k}: {v}" for k, v in hdrs.items()]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -99,6 +103,19 @@ async def _lingering_close(reader: asyncio.StreamReader, writer: asyncio.StreamW
                     break
     except (TimeoutError, ConnectionError, asyncio.LimitOverrunError):
         pass
+
+
+async def _write_stream(stream: AsyncIterator[bytes], writer: asyncio.StreamWriter) -> None:
+    """Copy a streaming body to the client; ``drain`` paces a slow reader. The iterator is
+    always closed, so its cleanup runs even when the client went away."""
+    try:
+        async for chunk in stream:
+            writer.write(chunk)
+            await writer.drain()
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class HttpServer:
@@ -168,6 +185,8 @@ class HttpServer:
                 resp = await self._handle(req)
             writer.write(resp.encode(head_only))
             await writer.drain()
+            if resp.stream is not None and not head_only:
+                await _write_stream(resp.stream, writer)
             if resp.status >= 400 and resp.status in _UNREAD_STATUSES:
                 await _lingering_close(reader, writer)
         except (ConnectionError, asyncio.CancelledError):

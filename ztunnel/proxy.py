@@ -474,6 +474,7 @@ class Ztunnel:
             result.close(0, 0, error="destination workload unknown", response_flags="CONNECT")
             return
         decision = self._authorize(state, wl, peer[0], None, dst)
+        result.set_decision(decision.allowed, decision.policy, decision.reason)
         if not decision.allowed:
             writer.transport.abort()
             result.close(0, 0, error=decision.reason, response_flags=ResponseFlags.DENY)
@@ -570,6 +571,7 @@ class Ztunnel:
             )
             return
         decision = self._authorize(state, wl, src_ip, peer_id, dst)
+        result.set_decision(decision.allowed, decision.policy, decision.reason)
         if not decision.allowed:
             incoming.reject(401)
             result.close(0, 0, error=decision.reason, response_flags=ResponseFlags.DENY)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -165,6 +166,10 @@ class ConnectionResult:
     closed: bool = False
     response_flags: str = ResponseFlags.NONE
     error: str | None = None
+    # The L4 authorization outcome, when it ran (inbound); for ``ambientctl tap``.
+    authz_allowed: bool | None = None
+    authz_policy: str | None = None
+    authz_reason: str | None = None
     metrics: Metrics | None = field(default=None, repr=False)
     log: logging.Logger | None = field(default=None, repr=False)
     tracker: ConnectionTracker | None = field(default=None, repr=False)
@@ -214,6 +219,10 @@ class ConnectionResult:
         if tracker is not None:
             tracker.add(res)
         return res
+
+    def set_decision(self, allowed: bool, policy: str | None, reason: str) -> None:
+        """Record the L4 authorization decision (``ambient.authz.Decision`` fields)."""
+        self.authz_allowed, self.authz_policy, self.authz_reason = allowed, policy, reason
 
     def add_sent(self, n: int) -> None:
         """``n`` more bytes went from the source towards the destination."""
@@ -439,16 +448,32 @@ def traffic_labels(result: ConnectionResult, response_flags: str = "-") -> dict[
 
 
 class ConnectionTracker:
-    """The live connections of one proxy, for the admin ``/connections`` dump."""
+    """The live connections of one proxy, for the admin ``/connections`` dump.
+
+    ``observers`` are called as ``observer("open"|"close", result)`` when a connection is
+    added or removed (the admin ``/tap`` stream); they must not block.
+    """
 
     def __init__(self) -> None:
         self._live: dict[int, ConnectionResult] = {}
+        self.observers: list[Callable[[str, ConnectionResult], None]] = []
 
     def add(self, result: ConnectionResult) -> None:
         self._live[result.id] = result
+        if self.observers:
+            self._notify("open", result)
 
     def remove(self, result: ConnectionResult) -> None:
         self._live.pop(result.id, None)
+        if self.observers:
+            self._notify("close", result)
+
+    def _notify(self, kind: str, result: ConnectionResult) -> None:
+        for observer in self.observers:
+            try:
+                observer(kind, result)
+            except Exception:  # an observer must never break the data path
+                logging.getLogger("ztunnel.tap").exception("connection observer failed")
 
     def __len__(self) -> int:
         return len(self._live)

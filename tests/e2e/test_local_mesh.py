@@ -120,6 +120,24 @@ def test_bad_config_entry_is_rejected_and_last_good_stays(mesh: LocalMesh) -> No
         path.write_text(original + "\n")
 
 
+def test_control_plane_outage_keeps_traffic_on_the_last_good_state(mesh: LocalMesh) -> None:
+    """With the control plane gone, ztunnels keep their configuration and certificates;
+    when it returns they reconnect (resuming with their resource versions)."""
+    assert mesh.cluster is not None and mesh.controlplane is not None
+    fe, be = "shop/frontend", mesh.pods["shop/backend-1"]
+    mesh.cluster.stop_process(mesh.controlplane)
+    assert demo.probe(mesh, fe, be.ip, 8080).ok  # mTLS with the certificates held
+    assert not demo.probe(mesh, fe, "10.96.0.20", 5432, timeout=3).ok  # policy still enforced
+    assert demo.probe(mesh, "shop/backend-2", "10.96.0.20", 5432).ok
+    for node in mesh.ztunnels:  # still ready: readiness waits only for the *first* sync
+        assert mesh.config_dump(node)["workloads"]
+    log = mesh.log_path("node-a")
+    before = log.read_text().count("xDS stream to")
+    mesh.start_controlplane(sorted(mesh.ztunnels))
+    assert _wait_for(lambda: log.read_text().count("xDS stream to") > before, timeout=30)
+    assert demo.probe(mesh, fe, be.ip, 8080).ok
+
+
 def test_agent_restart_keeps_capture_and_resyncs_ztunnel(mesh: LocalMesh) -> None:
     """The data path does not depend on the agent; a new agent restores its checkpoint,
     re-applies the rules and gives the reconnecting ztunnel a complete snapshot."""
