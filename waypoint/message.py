@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 __all__ = [
     "HOP_BY_HOP",
     "Body",
     "BodyError",
+    "ByteStream",
+    "Handler",
     "Headers",
     "HttpRequest",
     "HttpResponse",
@@ -251,6 +254,14 @@ class HttpResponse:
     status: int
     headers: Headers = field(default_factory=list)
     body: Body = field(default_factory=Body.empty)
+    # Called once by the downstream codec when the response is written (body bytes sent,
+    # error or None); telemetry hangs off it.
+    on_done: Callable[[int, BaseException | None], None] | None = None
+
+    def done(self, sent: int, error: BaseException | None) -> None:
+        cb, self.on_done = self.on_done, None
+        if cb is not None:
+            cb(sent, error)
 
     def header(self, name: str) -> str | None:
         return get_header(self.headers, name)
@@ -265,3 +276,18 @@ class HttpResponse:
             hs.append(("content-type", content_type))
         hs.append(("content-length", str(len(data))))
         return cls(status, hs, Body.of(data))
+
+
+class ByteStream(Protocol):
+    """What the codecs run over: an HBONE tunnel stream (or a test double of one)."""
+
+    async def read(self) -> bytes: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    def write_eof(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
