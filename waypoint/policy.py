@@ -261,16 +261,16 @@ def parse_retry(raw: Any, where: str) -> RetrySpec:
     )
 
 
-def backoff_delay(attempt: int, base: float, max: float, r: float) -> float:  # noqa: A002
+def backoff_delay(attempt: int, base: float, max: float, r: float) -> float:
     """Full-jitter backoff before retry ``attempt`` (0 for the first retry): a uniform draw
     (``r`` in [0, 1)) from ``[0, min(max, base * 2**attempt))``."""
     if attempt < 0 or base <= 0:
         return 0.0
     ceiling = min(max, base * (2.0 ** min(attempt, 62)))
-    return ceiling * min(max_r(r), 1.0)
+    return ceiling * _clamp01(r)
 
 
-def max_r(r: float) -> float:
+def _clamp01(r: float) -> float:
     """Clamp a random draw into [0, 1] (NaN -> 0)."""
     if not r > 0:
         return 0.0

@@ -3,13 +3,15 @@
 For every pod it serves, ztunnel opens, *inside the pod's network namespace*:
 
 * 15001, outbound: the pod's captured connections (original destination via
-  SO_ORIGINAL_DST), routed by :func:`ztunnel.route.route_outbound` over HBONE or passed
+  SO_ORIGINAL_DST), routed by :func:`ztunnel.route.route_outbound` over HBONE (to the
+  destination, or to its waypoint with the original VIP:port as ``:authority``) or passed
   through as plain TCP;
 * 15006, inbound plaintext: connections to the pod that did not come over HBONE; L4
   policy applies with no peer identity, so PeerAuthentication STRICT denies them;
 * 15008, inbound HBONE: mutual TLS with the pod's own certificate, HTTP/2 CONNECT, L4
   policy with the peer's SPIFFE identity, then a connection to the application that keeps
-  the client's IP as its source.
+  the client's IP as its source.  Traffic that must pass a waypoint is refused (401, DENY)
+  unless the peer is that waypoint (:func:`ztunnel.route.waypoint_bypass`).
 
 Every socket ztunnel opens in a pod carries SO_MARK 1337, so the pod's capture rules skip
 it.  Each proxied connection has exactly one :class:`~ztunnel.result.ConnectionResult`,
@@ -40,7 +42,7 @@ from ztunnel.config import Settings
 from ztunnel.metrics import Metrics
 from ztunnel.relay import relay_streams
 from ztunnel.result import ConnectionResult, ConnectionTracker, ResponseFlags, flag_for_error
-from ztunnel.route import Hbone, NoRoute, Passthrough, route_outbound
+from ztunnel.route import Hbone, NoRoute, Passthrough, route_outbound, waypoint_bypass
 from ztunnel.sockets import dial_socket, listener, original_dst
 
 log = logging.getLogger("ztunnel.proxy")
@@ -473,6 +475,12 @@ class Ztunnel:
             writer.transport.abort()
             result.close(0, 0, error="destination workload unknown", response_flags="CONNECT")
             return
+        bypass = waypoint_bypass(state, wl, dst[1], None)
+        if bypass is not None:  # a plaintext peer is never the waypoint
+            result.set_decision(False, None, bypass)
+            writer.transport.abort()
+            result.close(0, 0, error=bypass, response_flags=ResponseFlags.DENY)
+            return
         decision = self._authorize(state, wl, peer[0], None, dst)
         result.set_decision(decision.allowed, decision.policy, decision.reason)
         if not decision.allowed:
@@ -569,6 +577,14 @@ class Ztunnel:
                 f"{wl.namespace}/{wl.name}",
                 response_flags=ResponseFlags.CONNECT,
             )
+            return
+        # Traffic that must pass a waypoint is accepted only from that waypoint (stricter
+        # than Istio, which leaves it to an L4 policy; see ztunnel.route.waypoint_bypass).
+        bypass = waypoint_bypass(state, wl, dst[1], peer_id)
+        if bypass is not None:
+            result.set_decision(False, None, bypass)
+            incoming.reject(401)
+            result.close(0, 0, error=bypass, response_flags=ResponseFlags.DENY)
             return
         decision = self._authorize(state, wl, src_ip, peer_id, dst)
         result.set_decision(decision.allowed, decision.policy, decision.reason)

@@ -29,6 +29,7 @@ from ztunnel.route import (
     Passthrough,
     format_authority,
     route_outbound,
+    waypoint_bypass,
     weighted_choice,
 )
 
@@ -292,3 +293,169 @@ def test_default_choose_is_weighted_choice():
     r = route_outbound(BASE, None, "10.96.0.10", 80)
     assert isinstance(r, Hbone)
     assert r.address[0] in ("10.0.0.11", "10.0.0.12")
+
+
+# -- waypoints --------------------------------------------------------------------------------
+
+WP_HOST = "waypoint.shop.svc.cluster.local"
+WP_KEY = f"shop/{WP_HOST}"
+WP_SAN = "spiffe://cluster.local/ns/shop/sa/waypoint-san"
+# The waypoint: a Service on 15008 with two proxies (not captured: tunnel protocol NONE).
+WP_1 = wl("waypoint-1", "10.0.9.1", sa="waypoint", hbone=False, services={WP_KEY: {15008: 15008}})
+WP_2 = wl("waypoint-2", "10.0.9.2", sa="waypoint", hbone=False, services={WP_KEY: {15008: 15008}})
+WP_SICK = wl("waypoint-3", "10.0.9.3", sa="waypoint", healthy=False, services={WP_KEY: {15008: 15008}})
+WP_SVC = svc(vip="10.96.9.9", hostname=WP_HOST, ports={15008: 15008}, sans=(WP_SAN,))
+BY_NAME = GatewayAddress(NamespacedHostname("shop", WP_HOST))
+BY_VIP = GatewayAddress(NetworkAddress("", ip("10.96.9.9")))
+BY_POD_IP = GatewayAddress(NetworkAddress("", ip("10.0.9.2")))
+REVIEWS_KEY = "shop/reviews.shop.svc.cluster.local"
+REVIEWS_1 = wl("reviews-1", "10.0.1.21", sa="reviews", services={REVIEWS_KEY: {80: 8081}})
+FRONTEND = wl("frontend", "10.0.1.5", sa="frontend")
+
+
+def wp_state(svc_wp=None, wl_wp=None, extra=()):
+    reviews_1 = wl("reviews-1", "10.0.1.21", sa="reviews", services={REVIEWS_KEY: {80: 8081}},
+                   waypoint=wl_wp)
+    reviews = svc(vip="10.96.0.30", hostname="reviews.shop.svc.cluster.local", ports={80: 8081},
+                  waypoint=svc_wp)
+    return state(WP_1, WP_2, WP_SICK, WP_SVC, reviews_1, reviews, FRONTEND, *extra)
+
+
+# (id, service waypoint, workload waypoint, dst ip, dst port, source, choose, address, authority, service key)
+WAYPOINT_CASES = [
+    ("service VIP to the service's waypoint, by hostname", BY_NAME, None, "10.96.0.30", 80, FRONTEND, first, ("10.0.9.1", 15008), "10.96.0.30:80", REVIEWS_KEY),
+    ("second waypoint proxy when chosen", BY_NAME, None, "10.96.0.30", 80, FRONTEND, last, ("10.0.9.2", 15008), "10.96.0.30:80", REVIEWS_KEY),
+    ("waypoint referenced by its VIP", BY_VIP, None, "10.96.0.30", 80, FRONTEND, first, ("10.0.9.1", 15008), "10.96.0.30:80", REVIEWS_KEY),
+    ("waypoint referenced by a proxy's own IP", BY_POD_IP, None, "10.96.0.30", 80, FRONTEND, no_choice, ("10.0.9.2", 15008), "10.96.0.30:80", REVIEWS_KEY),
+    ("service waypoint taken for any port of the service", BY_NAME, None, "10.96.0.30", 9999, FRONTEND, first, ("10.0.9.1", 15008), "10.96.0.30:9999", REVIEWS_KEY),
+    ("pod IP to the workload's waypoint keeps the pod authority", None, BY_NAME, "10.0.1.21", 8081, FRONTEND, first, ("10.0.9.1", 15008), "10.0.1.21:8081", None),
+    ("unknown source still goes to the waypoint", BY_NAME, None, "10.96.0.30", 80, None, first, ("10.0.9.1", 15008), "10.96.0.30:80", REVIEWS_KEY),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "svc_wp,wl_wp,dst,port,source,choose,address,authority,skey",
+    [c[1:] for c in WAYPOINT_CASES],
+    ids=[c[0] for c in WAYPOINT_CASES],
+)
+def test_routes_to_waypoint(svc_wp, wl_wp, dst, port, source, choose, address, authority, skey):
+    r = route_outbound(wp_state(svc_wp, wl_wp), source, dst, port, choose=choose)
+    assert isinstance(r, Hbone), r
+    assert r.waypoint is True
+    assert r.address == address
+    assert r.authority == authority  # the original destination, never the waypoint's
+    assert r.workload.service_account == "waypoint"
+    assert (r.service.key if r.service else None) == skey
+    # The proxy's identity plus the waypoint Service's SANs (none when named by a proxy IP).
+    sans = set() if svc_wp is BY_POD_IP else {SpiffeId.parse(WP_SAN)}
+    assert r.identities == frozenset({ident("waypoint")} | sans)
+
+
+def test_waypoint_choice_sees_only_healthy_proxies_on_the_hbone_port():
+    offered = []
+
+    def spy(candidates):
+        offered.append(sorted((w.name, p) for w, p in candidates))
+        return candidates[0]
+
+    route_outbound(wp_state(BY_NAME), FRONTEND, "10.96.0.30", 80, choose=spy)
+    assert offered == [[("waypoint-1", 15008), ("waypoint-2", 15008)]]
+
+
+def test_ipv6_original_destination_authority_in_brackets():
+    s = state(WP_1, WP_SVC, svc(vip="fd00:96::30", hostname="r6.shop.svc.cluster.local", waypoint=BY_NAME))
+    r = route_outbound(s, None, "fd00:96::30", 80, choose=first)
+    assert isinstance(r, Hbone) and r.waypoint and r.authority == "[fd00:96::30]:80"
+
+
+# (id, service waypoint, workload waypoint, extra objects, dst, port, words in the reason)
+WAYPOINT_NOROUTE = [
+    ("waypoint service unknown", GatewayAddress(NamespacedHostname("shop", "ghost.shop.svc.cluster.local")), None, (), "10.96.0.30", 80, ("ghost", "unknown", REVIEWS_KEY)),
+    ("waypoint address unknown", GatewayAddress(NetworkAddress("", ip("192.0.2.9"))), None, (), "10.96.0.30", 80, ("192.0.2.9", "unknown")),
+    ("workload waypoint unknown", None, GatewayAddress(NamespacedHostname("shop", "ghost.shop.svc.cluster.local")), (), "10.0.1.21", 8081, ("workload shop/reviews-1", "ghost")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "svc_wp,wl_wp,extra,dst,port,words",
+    [c[1:] for c in WAYPOINT_NOROUTE],
+    ids=[c[0] for c in WAYPOINT_NOROUTE],
+)
+def test_unknown_waypoint_fails_closed(svc_wp, wl_wp, extra, dst, port, words):
+    r = route_outbound(wp_state(svc_wp, wl_wp, extra), FRONTEND, dst, port, choose=first)
+    assert isinstance(r, NoRoute), r
+    for w in words:
+        assert w in r.reason
+
+
+def test_waypoint_without_ready_proxy_fails_closed():
+    sick_only = state(WP_SICK, WP_SVC, svc(vip="10.96.0.30", hostname="reviews.shop.svc.cluster.local", waypoint=BY_NAME))
+    r = route_outbound(sick_only, FRONTEND, "10.96.0.30", 80, choose=no_choice)
+    assert isinstance(r, NoRoute) and "no ready proxy" in r.reason
+    assert r.service is not None and r.service.key == REVIEWS_KEY
+
+
+def test_waypoint_service_without_hbone_port_fails_closed():
+    s = state(wl("w", "10.0.9.7", services={WP_KEY: {80: 80}}), svc(vip="10.96.9.9", hostname=WP_HOST, ports={80: 80}),
+              svc(vip="10.96.0.30", hostname="reviews.shop.svc.cluster.local", waypoint=BY_NAME))
+    assert isinstance(route_outbound(s, FRONTEND, "10.96.0.30", 80, choose=no_choice), NoRoute)
+
+
+@pytest.mark.parametrize("svc_wp,wl_wp,dst,port", [
+    (BY_NAME, None, "10.96.0.30", 80),
+    (None, BY_NAME, "10.0.1.21", 8081),
+    (BY_VIP, BY_VIP, "10.0.1.21", 8081),
+])
+def test_traffic_from_the_waypoint_never_loops_back(svc_wp, wl_wp, dst, port):
+    r = route_outbound(wp_state(svc_wp, wl_wp), WP_2, dst, port, choose=first)
+    assert isinstance(r, Hbone) and not r.waypoint
+    assert r.address == ("10.0.1.21", HBONE_PORT) and r.authority == "10.0.1.21:8081"
+
+
+def test_pod_ip_of_a_service_waypoint_user_goes_direct():
+    """waypoint-for: service (the default) binds only the service: pod IPs go direct, and the
+    destination ztunnel decides (see waypoint_bypass)."""
+    r = route_outbound(wp_state(BY_NAME), FRONTEND, "10.0.1.21", 8081, choose=no_choice)
+    assert isinstance(r, Hbone) and not r.waypoint and r.address == ("10.0.1.21", HBONE_PORT)
+
+
+# -- inbound: traffic that must come through a waypoint ----------------------------------------
+
+WP_ID, FE_ID = ident("waypoint"), ident("frontend")
+
+# (id, service waypoint, workload waypoint, dst port, peer, allowed, words in the reason)
+BYPASS_CASES = [
+    ("no waypoint: anyone", None, None, 8081, FE_ID, True, ()),
+    ("service waypoint, peer is the waypoint", BY_NAME, None, 8081, WP_ID, True, ()),
+    ("service waypoint, peer skips it", BY_NAME, None, 8081, FE_ID, False, ("reviews-1:8081", REVIEWS_KEY, "frontend")),
+    ("service waypoint, plaintext peer", BY_NAME, None, 8081, None, False, ("without identity",)),
+    ("service waypoint, port the service does not target", BY_NAME, None, 9000, FE_ID, True, ()),
+    ("waypoint by VIP, peer is the waypoint", BY_VIP, None, 8081, WP_ID, True, ()),
+    ("waypoint by a proxy IP, peer is the waypoint", BY_POD_IP, None, 8081, WP_ID, True, ()),
+    ("waypoint service SAN accepted", BY_NAME, None, 8081, SpiffeId.parse(WP_SAN), True, ()),
+    ("workload waypoint, any port", None, BY_NAME, 9000, FE_ID, False, ("workload shop/reviews-1",)),
+    ("workload waypoint, peer is the waypoint", None, BY_NAME, 9000, WP_ID, True, ()),
+    ("unknown waypoint refuses everyone", GatewayAddress(NamespacedHostname("shop", "ghost.shop.svc.cluster.local")), None, 8081, WP_ID, False, ("ghost",)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "svc_wp,wl_wp,port,peer,allowed,words",
+    [c[1:] for c in BYPASS_CASES],
+    ids=[c[0] for c in BYPASS_CASES],
+)
+def test_waypoint_bypass(svc_wp, wl_wp, port, peer, allowed, words):
+    s = wp_state(svc_wp, wl_wp)
+    target = s.workload_by_uid("Kubernetes//Pod/shop/reviews-1")
+    reason = waypoint_bypass(s, target, port, peer)
+    assert (reason is None) == allowed, reason
+    for w in words:
+        assert w in reason
+
+
+def test_bypass_named_target_port_resolved_per_workload():
+    s = state(WP_1, WP_SVC, wl("r", "10.0.1.30", services={REVIEWS_KEY: {80: 9999}}),
+              svc(vip="10.96.0.30", hostname="reviews.shop.svc.cluster.local", ports={80: 0}, waypoint=BY_NAME))
+    target = s.workload_by_uid("Kubernetes//Pod/shop/r")
+    assert waypoint_bypass(s, target, 9999, FE_ID) is not None
+    assert waypoint_bypass(s, target, 8081, FE_ID) is None
