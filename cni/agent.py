@@ -128,6 +128,7 @@ class NodeAgent:
         self.synced = asyncio.Event()
         self._lock = asyncio.Lock()
         self._meta_changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- cluster source ------------------------------------------------------------------
 
@@ -153,7 +154,9 @@ class NodeAgent:
                 self.namespace_labels[str(meta.get("name"))] = {
                     str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
         self.synced.set()
-        asyncio.get_running_loop().create_task(self._notify_and_reconcile())
+        task = asyncio.get_running_loop().create_task(self._notify_and_reconcile())
+        self._tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._tasks.discard)
 
     async def _notify_and_reconcile(self) -> None:
         async with self._meta_changed:

@@ -8,7 +8,8 @@ instead (``controlplane.k8s_source.KubernetesSource``).  Every ``Update`` goes t
 CA (``--ca-dir``), the same gRPC server answers ``IstioCertificateService/CreateCertificate``:
 a node proxy gets certificates only for pods scheduled on its node, authenticated by
 TokenReview in Kubernetes mode or by node tokens the control plane mints
-(``--node-token-dir``) locally; in Kubernetes mode the root is also published as the
+(``--node-token-dir``, also one per waypoint Gateway for the waypoint's own identity)
+locally; in Kubernetes mode the root is also published as the
 ConfigMap ``istio-ca-root-cert`` in every namespace.
 
 Invariants:
@@ -140,6 +141,50 @@ def mint_node_tokens(auth: LocalTokenAuthenticator, token_dir: Path, nodes: set[
             log.info("minted the ztunnel token of node %s into %s", node, path)
 
 
+WAYPOINT_CLASS = "istio-waypoint"
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+
+
+def waypoints_of(store: ObjectStore) -> set[tuple[str, str, str]]:
+    """``(namespace, gateway name, service account)`` of every waypoint Gateway.
+
+    The service account is the Gateway's name (what Istio's deployment controller gives a
+    waypoint), unless a pod of the Gateway (label ``gateway.networking.k8s.io/gateway-name``)
+    names another one."""
+    out = set()
+    for key, obj in store.objects.items():
+        if not key.startswith("Gateway/"):
+            continue
+        if (obj.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS:
+            continue
+        meta = obj.get("metadata") or {}
+        ns, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+        if not name:
+            continue
+        sa = name
+        for pkey, pod in sorted(store.objects.items()):
+            pmeta = pod.get("metadata") or {}
+            if (pkey.startswith("Pod/") and str(pmeta.get("namespace") or "default") == ns
+                    and (pmeta.get("labels") or {}).get(GATEWAY_NAME_LABEL) == name):
+                sa = str((pod.get("spec") or {}).get("serviceAccountName") or sa)
+                break
+        out.add((ns, name, sa))
+    return out
+
+
+def mint_waypoint_tokens(auth: LocalTokenAuthenticator, token_dir: Path,
+                         waypoints: set[tuple[str, str, str]]) -> None:
+    """``<token_dir>/waypoint.<ns>.<name>``: a waypoint's ``AUTH_TOKEN``.  It names no node, so
+    the CA gives its holder only its own identity ``ns/<ns>/sa/<sa>`` (no impersonation)."""
+    token_dir.mkdir(parents=True, exist_ok=True)
+    for ns, name, sa in sorted(waypoints):
+        path = token_dir / f"waypoint.{ns}.{name}"
+        if not path.exists():
+            write_token_file(path, auth.mint_token("", ns, sa, timedelta(days=30)))
+            log.info("minted the token of waypoint %s/%s (service account %s) into %s",
+                     ns, name, sa, path)
+
+
 def load_or_create_ca(ca_dir: Path, trust_domain: str) -> CertificateAuthority:
     """Load Istio's ``cacerts`` layout from ``ca_dir``, or create a new root there."""
     if (ca_dir / CA_CERT_FILE).exists():
@@ -248,6 +293,7 @@ async def run(
         if local_auth is not None and opts.node_token_dir is not None and store is not None:
             ns, _, sa = opts.trusted_node_accounts.split(",")[0].partition("/")
             mint_node_tokens(local_auth, opts.node_token_dir, nodes_of(store), ns, sa)
+            mint_waypoint_tokens(local_auth, opts.node_token_dir, waypoints_of(store))
         if api is not None and ca is not None and store is not None:
             namespaces = [k.split("/")[2] for k in store.objects if k.startswith("Namespace/")]
             written = await asyncio.to_thread(publish_root_configmaps, api, namespaces,

@@ -82,6 +82,20 @@ RESOURCES: tuple[Resource, ...] = (
              builtin=False),
     Resource("Gateway", "gateway.networking.k8s.io", "v1", "gateways", builtin=False),
     Resource("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes", builtin=False),
+    # what `ambientctl install` applies (tests/integration/test_install_apply.py)
+    Resource("Secret", "", "v1", "secrets"),
+    Resource("Deployment", "apps", "v1", "deployments"),
+    Resource("DaemonSet", "apps", "v1", "daemonsets"),
+    Resource("ClusterRole", "rbac.authorization.k8s.io", "v1", "clusterroles",
+             namespaced=False),
+    Resource("ClusterRoleBinding", "rbac.authorization.k8s.io", "v1", "clusterrolebindings",
+             namespaced=False),
+    Resource("Role", "rbac.authorization.k8s.io", "v1", "roles"),
+    Resource("RoleBinding", "rbac.authorization.k8s.io", "v1", "rolebindings"),
+    Resource("CustomResourceDefinition", "apiextensions.k8s.io", "v1",
+             "customresourcedefinitions", namespaced=False),
+    Resource("GatewayClass", "gateway.networking.k8s.io", "v1", "gatewayclasses",
+             namespaced=False, builtin=False),
 )
 _BY_KIND = {r.kind: r for r in RESOURCES}
 _BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}

@@ -32,9 +32,10 @@ from typing import Any
 
 from ambient.authz import ConnectionInfo, evaluate
 from ambient.certs import CertificateError, CertificateManager
-from ambient.hbone.aio import HboneConnectError, Incoming, relay, serve_hbone
+from ambient.hbone.aio import HboneConnectError, Incoming, serve_hbone
 from ambient.hbone.pool import HbonePool, PoolKey
 from ambient.hbone.protocol import ConnectRequest, build_request_headers
+from ambient.hbone.tcpleg import splice_hbone
 from ambient.identity import SpiffeId
 from ambient.model import Workload
 from ambient.store import MeshState, MeshStore
@@ -436,7 +437,7 @@ class Ztunnel:
             flag = ResponseFlags.DENY if getattr(e, "status", None) == 401 else None
             result.close(0, 0, error=e, response_flags=flag or flag_for_error(e))
             return
-        r = await relay(stream, reader, writer)
+        r = await splice_hbone(stream, reader, writer)
         result.close(r.to_stream, r.from_stream, error=r.error)
 
     async def _outbound_passthrough(
@@ -600,7 +601,7 @@ class Ztunnel:
             return
         stream = incoming.accept()
         self._guard(pod, src_ip, peer_id, dst, result)
-        r = await relay(stream, *app)
+        r = await splice_hbone(stream, *app)
         result.close(r.from_stream, r.to_stream, error=r.error)
 
 

@@ -25,7 +25,7 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from ..identity import SpiffeId
 from ..tls import PeerVerificationError, classify_handshake_error, verify_peer
@@ -57,6 +57,7 @@ __all__ = [
     "Handler",
     "Incoming",
     "RelayResult",
+    "StreamConsumer",
     "StreamResetError",
     "open_hbone_connection",
     "relay",
@@ -98,7 +99,7 @@ class HboneStream:
     __slots__ = (
         "_conn", "stream_id", "request", "response_headers", "_chunks", "_eof", "_error",
         "_unacked", "_pending_ack", "_read_waiter", "_write_waiter", "_local_done",
-        "_remote_done", "_finished", "_response",
+        "_remote_done", "_finished", "_response", "_consumer", "_hold_acks",
     )
 
     def __init__(self, conn: HboneConnection, stream_id: int,
@@ -118,6 +119,8 @@ class HboneStream:
         self._remote_done = False
         self._finished = False
         self._response: asyncio.Future[ConnectResponse] | None = None
+        self._consumer: StreamConsumer | None = None
+        self._hold_acks = False
 
     # -- public ---------------------------------------------------------------------------
 
@@ -172,6 +175,56 @@ class HboneStream:
         if self._error is not None:
             raise self._error
 
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> bool:
+        """Queue bytes without waiting; False means "stop producing until ``writable``".
+
+        For callback-driven producers (``attach``): after False, wait for the consumer's
+        ``stream_writable`` and check ``writable`` before sending more.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._local_done:
+            raise StreamResetError(f"stream {self.stream_id}: write after write_eof")
+        try:
+            self._conn.proto.send_data(self.stream_id, data)
+        except StreamGone as e:
+            raise StreamResetError(str(e)) from None
+        self._conn._schedule_flush()
+        return self.writable
+
+    @property
+    def writable(self) -> bool:
+        """No bytes wait for HTTP/2 window and the TLS transport is not paused."""
+        return not (self._conn.proto.buffered(self.stream_id) or self._conn._paused)
+
+    def attach(self, consumer: StreamConsumer) -> None:
+        """Deliver received bytes by callback instead of ``read`` (no task per direction).
+
+        Bytes already queued are delivered now. Window is given back as soon as the consumer
+        returns, unless it called ``hold_acks`` (its sink is full); ``release_acks`` then
+        gives back what it held. EOF and failure are reported to the consumer (failure once).
+        """
+        self._consumer = consumer
+        self._ack()
+        while self._chunks:
+            consumer.stream_data(self._chunks.popleft())
+        self._pending_ack, self._unacked = self._unacked, 0
+        if not self._hold_acks:
+            self._ack()
+        if self._error is not None:
+            consumer.stream_failed(self._error)
+        elif self._eof:
+            consumer.stream_eof()
+
+    def hold_acks(self) -> None:
+        """Stop returning window for delivered bytes (the consumer's sink is full)."""
+        self._hold_acks = True
+
+    def release_acks(self) -> None:
+        """Return the window held since ``hold_acks``."""
+        self._hold_acks = False
+        self._ack()
+
     def write_eof(self) -> None:
         """Half-close our direction; reads continue until the peer half-closes too."""
         if self._local_done or self._error is not None:
@@ -207,6 +260,14 @@ class HboneStream:
             self._conn._schedule_flush()
 
     def _feed(self, data: bytes, n: int) -> None:
+        consumer = self._consumer
+        if consumer is not None:
+            self._pending_ack += n
+            if data:
+                consumer.stream_data(data)
+            if not self._hold_acks:
+                self._ack()
+            return
         if data:
             self._chunks.append(data)
         self._unacked += n
@@ -218,6 +279,8 @@ class HboneStream:
     def _feed_eof(self) -> None:
         self._eof = True
         self._remote_done = True
+        if self._consumer is not None:
+            self._consumer.stream_eof()
         self._wake_reader()
         self._maybe_finished()
 
@@ -227,24 +290,41 @@ class HboneStream:
             w.set_result(None)
 
     def _wake_writer(self) -> None:
+        if self._consumer is not None and self._error is None:
+            self._consumer.stream_writable()
         w = self._write_waiter
         if w is not None and not w.done():
             w.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
-        if self._error is None:
+        first = self._error is None
+        if first:
             self._error = exc
         self._local_done = self._remote_done = True
         if self._response is not None and not self._response.done():
             self._response.set_exception(exc)
         self._wake_reader()
         self._wake_writer()
+        if first and self._consumer is not None:
+            self._consumer.stream_failed(exc)
         self._maybe_finished()
 
     def _maybe_finished(self) -> None:
         if self._local_done and self._remote_done and not self._finished:
             self._finished = True
             self._conn._stream_finished(self)
+
+
+class StreamConsumer(Protocol):
+    """What ``HboneStream.attach`` calls back, on the event loop."""
+
+    def stream_data(self, data: bytes) -> None: ...
+
+    def stream_eof(self) -> None: ...
+
+    def stream_failed(self, exc: BaseException) -> None: ...
+
+    def stream_writable(self) -> None: ...
 
 
 @dataclass(slots=True)

@@ -1,0 +1,311 @@
+"""Callback-driven relays for the plaintext TCP legs: no StreamReader, no task per direction.
+
+Role: the fast replacement for copying through ``asyncio.StreamReader``/``StreamWriter``.
+A relay takes over the TCP transport of a stream pair (``transport.set_protocol``) and moves
+each chunk the event loop hands it straight on: into an ``HboneStream`` (``splice_hbone``) or
+into another TCP transport (``splice_tcp``). That removes two copies per byte (the
+StreamReader buffer append and the slice out of it) and two coroutine switches per chunk.
+
+Invariants:
+* Backpressure both ways without buffering beyond the transports' own limits: a TCP source
+  is paused while its sink (the other transport, or the stream's HTTP/2 window and TLS
+  transport) is full, and HTTP/2 window is returned only once the TCP sink accepted the
+  bytes below its high-water mark (``HboneStream.hold_acks``).
+* Half-close propagates each way (EOF -> ``write_eof``/END_STREAM); the relay finishes when
+  both directions ended, or at the first error, when both sides are aborted.
+* Byte counts are exact as bytes flow, so a relay cut short still reports what it carried.
+* Bytes the StreamReader had already buffered before the takeover are relayed first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from .aio import HboneStream, RelayResult, StreamResetError
+from .protocol import ErrorCode
+
+__all__ = ["HIGH_WATER", "splice_hbone", "splice_tcp", "take_over"]
+
+HIGH_WATER = 1024 * 1024  # TCP write buffer above which the source is paused
+
+
+def take_over(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: asyncio.BaseProtocol
+) -> tuple[asyncio.Transport, bytes, bool]:
+    """Move ``writer``'s transport to ``protocol``; returns it, the bytes the reader had
+    buffered and whether the reader had already seen EOF."""
+    transport = cast(asyncio.Transport, writer.transport)
+    buf: bytearray = getattr(reader, "_buffer", bytearray())
+    pending = bytes(buf)
+    buf.clear()
+    eof = reader.at_eof() or bool(getattr(reader, "_eof", False))
+    transport.set_protocol(protocol)
+    transport.set_write_buffer_limits(high=HIGH_WATER)
+    if not eof and not transport.is_closing() and not transport.is_reading():
+        transport.resume_reading()  # the StreamReader may have paused it (buffer full)
+    return transport, pending, eof
+
+
+class _Leg(asyncio.Protocol):
+    """The TCP side of a relay; forwards transport callbacks to its relay."""
+
+    def __init__(self, relay: _Relay, side: int) -> None:
+        self.relay = relay
+        self.side = side
+        self.transport: asyncio.Transport | None = None
+        self.write_paused = False
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.on_data(self.side, data)
+
+    def eof_received(self) -> bool:
+        self.relay.on_eof(self.side)
+        return True  # keep the transport open: the other direction may still flow
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.on_lost(self.side, exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.relay.on_sink_full(self.side)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.relay.on_sink_drained(self.side)
+
+
+class _Relay:
+    """Shared completion bookkeeping: a future resolved when both directions ended."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None and not self.done.done():
+            self.error = exc
+            self.abort()
+            self.done.set_result(None)
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def on_data(self, side: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_eof(self, side: int) -> None:
+        raise NotImplementedError
+
+    def on_lost(self, side: int, exc: Exception | None) -> None:
+        raise NotImplementedError
+
+    def on_sink_full(self, side: int) -> None:
+        raise NotImplementedError
+
+    def on_sink_drained(self, side: int) -> None:
+        raise NotImplementedError
+
+    async def wait(self) -> None:
+        try:
+            await self.done
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+
+
+# ---------------------------------------------------------------------------------------------
+# TCP <-> HBONE
+
+
+class _HboneRelay(_Relay):
+    """side 0 is the TCP leg; the stream is the other end."""
+
+    def __init__(self, stream: HboneStream, result: RelayResult) -> None:
+        super().__init__()
+        self.stream = stream
+        self.result = result
+        self.leg = _Leg(self, 0)
+        self.tcp: asyncio.Transport | None = None
+        self.tcp_eof = False  # TCP -> stream direction finished
+        self.stream_eof = False  # stream -> TCP direction finished
+        self.source_paused = False
+
+    # TCP -> stream
+    def on_data(self, side: int, data: bytes) -> None:
+        try:
+            ok = self.stream.send_nowait(data)
+        except (StreamResetError, OSError) as e:
+            self.fail(e)
+            return
+        self.result.to_stream += len(data)
+        if not ok and not self.source_paused and self.tcp is not None:
+            self.source_paused = True
+            self.tcp.pause_reading()
+
+    def stream_writable(self) -> None:
+        if self.source_paused and self.stream.writable and self.tcp is not None:
+            self.source_paused = False
+            if not self.tcp.is_closing():
+                self.tcp.resume_reading()
+
+    def on_eof(self, side: int) -> None:
+        self.tcp_eof = True
+        self.stream.write_eof()
+        self._check_done()
+
+    # stream -> TCP
+    def stream_data(self, data: bytes) -> None:
+        tcp = self.tcp
+        if tcp is None or tcp.is_closing():
+            return
+        tcp.write(data)
+        self.result.from_stream += len(data)
+
+    def on_sink_full(self, side: int) -> None:
+        self.stream.hold_acks()
+
+    def on_sink_drained(self, side: int) -> None:
+        self.stream.release_acks()
+
+    def stream_eof(self) -> None:
+        self.stream_eof = True
+        tcp = self.tcp
+        if tcp is not None and not tcp.is_closing() and tcp.can_write_eof():
+            tcp.write_eof()
+        self._check_done()
+
+    # failures
+    def stream_failed(self, exc: BaseException) -> None:
+        self.fail(exc)
+
+    def on_lost(self, side: int, exc: Exception | None) -> None:
+        if exc is not None:
+            self.fail(exc)
+        elif not (self.tcp_eof and self.stream_eof):
+            self.fail(ConnectionResetError("the TCP connection closed before the relay ended"))
+
+    def abort(self) -> None:
+        self.stream.abort()
+        if self.tcp is not None:
+            self.tcp.abort()
+
+    def _check_done(self) -> None:
+        if self.tcp_eof and self.stream_eof:
+            self.finish()
+
+
+async def splice_hbone(
+    stream: HboneStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> RelayResult:
+    """Relay between an HBONE stream and a TCP stream pair until both directions ended.
+
+    Same contract as ``aio.relay``: half-close propagates, an error aborts both sides, the
+    stream is closed and the TCP transport closed at the end; returns the byte counts.
+    """
+    result = RelayResult()
+    relay = _HboneRelay(stream, result)
+    tcp, pending, eof = take_over(reader, writer, relay.leg)
+    relay.tcp = tcp
+    relay.leg.transport = tcp
+    try:
+        if pending:
+            relay.on_data(0, pending)
+        if eof:
+            relay.on_eof(0)
+        stream.attach(relay)
+        await relay.wait()
+    finally:
+        result.error = relay.error
+        if relay.error is None:
+            stream.close()
+        else:
+            stream.abort(ErrorCode.CANCEL)  # idempotent; fail() already reset it
+        if not tcp.is_closing():
+            tcp.close()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# TCP <-> TCP
+
+
+class _TcpRelay(_Relay):
+    def __init__(self) -> None:
+        super().__init__()
+        self.legs = (_Leg(self, 0), _Leg(self, 1))
+        self.transports: list[Any] = [None, None]
+        self.copied = [0, 0]  # bytes written into the other side, by source side
+        self.eof = [False, False]
+        self.source_paused = [False, False]
+
+    def on_data(self, side: int, data: bytes) -> None:
+        sink = self.transports[1 - side]
+        if sink is None or sink.is_closing():
+            return
+        sink.write(data)
+        self.copied[side] += len(data)
+
+    def on_sink_full(self, side: int) -> None:  # side's transport is full: pause the other
+        src = self.transports[1 - side]
+        if src is not None and not self.source_paused[1 - side]:
+            self.source_paused[1 - side] = True
+            src.pause_reading()
+
+    def on_sink_drained(self, side: int) -> None:
+        src = self.transports[1 - side]
+        if src is not None and self.source_paused[1 - side]:
+            self.source_paused[1 - side] = False
+            if not src.is_closing():
+                src.resume_reading()
+
+    def on_eof(self, side: int) -> None:
+        self.eof[side] = True
+        sink = self.transports[1 - side]
+        if sink is not None and not sink.is_closing() and sink.can_write_eof():
+            sink.write_eof()
+        if all(self.eof):
+            self.finish()
+
+    def on_lost(self, side: int, exc: Exception | None) -> None:
+        if exc is not None:
+            self.fail(exc)
+        elif not all(self.eof):
+            self.fail(ConnectionResetError("a TCP connection closed before the relay ended"))
+
+    def abort(self) -> None:
+        for t in self.transports:
+            if t is not None:
+                t.abort()
+
+
+async def splice_tcp(
+    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+) -> tuple[int, int, BaseException | None]:
+    """Relay between two TCP stream pairs until both directions ended or one failed.
+
+    Returns (bytes a->b, bytes b->a, first error). Both transports are closed at the end.
+    """
+    relay = _TcpRelay()
+    taken = [take_over(r, w, relay.legs[i]) for i, (r, w) in enumerate((a, b))]
+    for i, (t, _, _) in enumerate(taken):
+        relay.transports[i] = t
+        relay.legs[i].transport = t
+    try:
+        for i, (_, pending, eof) in enumerate(taken):
+            if pending:
+                relay.on_data(i, pending)
+            if eof:
+                relay.on_eof(i)
+        await relay.wait()
+    finally:
+        for t in relay.transports:
+            if not t.is_closing():
+                t.close()
+    return relay.copied[0], relay.copied[1], relay.error
