@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PROTOS := $(shell find ambient/api -name '*.proto' 2>/dev/null)
 
-.PHONY: bootstrap demo test proto lint down clean bench-controlplane
+.PHONY: bootstrap demo test proto lint down clean bench bench-controlplane manifests
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -21,6 +21,16 @@ test: bootstrap
 # checks that the committed output matches the sources).
 proto: bootstrap
 	$(PY) -m ambient.api.generate
+
+# Regenerate daemonset/*.yaml from ambient/install (tests/unit/test_install_render.py checks
+# that the committed files match the renderer).
+manifests: bootstrap
+	$(PY) -m ambient.install.files daemonset
+
+# Data-path benchmark: ambient vs direct and peer proxies (Envoy HBONE, stunnel, haproxy) on the
+# local cluster; writes perf/results/latest.{json,png}.  BENCH_ARGS="--modes ambient --quick".
+bench: bootstrap
+	$(PY) -m perf.bench $(BENCH_ARGS)
 
 # Control-plane translation at 10k pods / 1k services; writes perf/results/controlplane.json.
 bench-controlplane: bootstrap

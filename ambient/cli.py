@@ -1,7 +1,8 @@
 """``ambientctl``: the operator CLI.
 
-This release has the local-cluster verbs (``demo``, ``down``) and ``version``; the
-Kubernetes operator verbs arrive with the install issue.
+The local-cluster verbs (``demo``, ``down``), the control plane, and the operator verbs
+(``ztunnel-config``, ``policy explain``, ``tap``, ``precheck``, ``enroll``/``unenroll``,
+``waypoint``, ``version``; see ``ambient.ops``).
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-from ambient import __version__
 
 DEFAULT_MANIFESTS = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
 DEFAULT_RUN_DIR = Path("/run/ambient")
@@ -32,7 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="remove a local cluster left by `demo --keep` or a crash")
     down.add_argument("--name", default=None, help="cluster name (default: all under --run-dir)")
     down.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
-    sub.add_parser("version", help="print the version")
+    from ambient.ops.cli import add_commands as add_ops_commands
+
+    add_ops_commands(sub)  # ztunnel-config, policy, tap, precheck, (un)enroll, waypoint, version
+    from ambient.install.commands import add_subcommands as add_install_commands
+
+    add_install_commands(sub)  # install, uninstall, manifest generate (ambient.install)
     from controlplane.main import add_arguments as controlplane_arguments
 
     controlplane_arguments(sub.add_parser(
@@ -42,9 +46,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "version":
-        print(f"ambientctl {__version__}")
-        return 0
+    from ambient.ops.cli import run as run_ops
+
+    status = run_ops(args)
+    if status is not None:
+        return status
+    if args.command in ("install", "uninstall", "manifest"):
+        from ambient.install.commands import run as run_install
+
+        return run_install(args)
     if args.command == "demo":
         from ambient.cluster.demo import run_demo
 

@@ -95,6 +95,12 @@ KIND_APIS: dict[str, KindApi] = {
                 _custom("gateway.networking.k8s.io", "v1", "gateways")),
         KindApi("HTTPRoute", "gateway.networking.k8s.io/v1", "httproutes",
                 _custom("gateway.networking.k8s.io", "v1", "httproutes")),
+        KindApi("GRPCRoute", "gateway.networking.k8s.io/v1", "grpcroutes",
+                _custom("gateway.networking.k8s.io", "v1", "grpcroutes")),
+        KindApi("ReferenceGrant", "gateway.networking.k8s.io/v1beta1", "referencegrants",
+                _custom("gateway.networking.k8s.io", "v1beta1", "referencegrants")),
+        KindApi("HTTPTrafficPolicy", "ambient.io/v1alpha1", "httptrafficpolicies",
+                _custom("ambient.io", "v1alpha1", "httptrafficpolicies")),
     )
 }
 

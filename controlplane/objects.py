@@ -23,6 +23,8 @@ from typing import Any
 KINDS = (
     "Namespace", "Pod", "Service", "EndpointSlice", "ServiceAccount",
     "AuthorizationPolicy", "PeerAuthentication", "Gateway", "HTTPRoute",
+    # read by waypoints only (L7): routes, cross-namespace grants, faults and rate limits
+    "GRPCRoute", "ReferenceGrant", "HTTPTrafficPolicy",
 )
 CLUSTER_SCOPED = frozenset({"Namespace"})
 

@@ -57,13 +57,13 @@ async def hold(host: str, port: int, count: int, concurrency: int, status: str,
             try:
                 _, w = await _open_one(host, port, timeout)
                 conns.append(w)
-            except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+            except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError,
                     asyncio.LimitOverrunError) as e:
                 errors.append(f"{type(e).__name__}: {e}")
 
     try:
         await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), max_seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         errors.append(f"not all connections were open after {max_seconds}s")
     tmp = status + ".tmp"
     with open(tmp, "w") as f:
@@ -72,7 +72,7 @@ async def hold(host: str, port: int, count: int, concurrency: int, status: str,
     os.replace(tmp, status)
     try:
         await asyncio.wait_for(stop.wait(), max_seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     for w in conns:
         w.close()

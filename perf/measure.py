@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,8 @@ class Durations:
         return cls(iperf_s=2, rps_s=2, latency_s=3, conn_s=1)
 
 
-def _run(bench: BenchCluster, mode: ModeSetup, argv: list[str], timeout: float) -> str:
+def _run(bench: BenchCluster, mode: ModeSetup, argv: list[str], timeout: float,
+         stdout_only: bool = False) -> str:
     assert bench.mesh is not None and bench.mesh.cluster is not None
     try:
         cp = bench.mesh.cluster.run_in_pod(bench.pod(mode.client), argv, timeout=timeout)
@@ -61,13 +63,15 @@ def _run(bench: BenchCluster, mode: ModeSetup, argv: list[str], timeout: float) 
     if cp.returncode != 0 and os.path.basename(argv[0]) != "iperf3":
         raise MeasureError(f"{os.path.basename(argv[0])} in {mode.client} exited "
                            f"{cp.returncode}: {(cp.stderr or cp.stdout).strip()[-400:]}")
+    if stdout_only:
+        return cp.stdout
     return cp.stdout + ("\n" + cp.stderr if cp.stderr else "")
 
 
 def throughput(bench: BenchCluster, mode: ModeSetup, d: Durations) -> float:
     out = _run(bench, mode, [IPERF3, "-c", mode.target_ip, "-p", str(apps.IPERF_PORT),
-                             "-t", str(d.iperf_s), "-J"], timeout=d.iperf_s + 30)
-    return parse.parse_iperf3(out.split("\n" + "iperf3:", 1)[0])
+                             "-t", str(d.iperf_s), "-J"], timeout=d.iperf_s + 30, stdout_only=True)
+    return parse.parse_iperf3(out)
 
 
 def _wrk(bench: BenchCluster, mode: ModeSetup, threads: int, conns: int, seconds: int,
@@ -122,14 +126,34 @@ def peak_rss_mb(mode: ModeSetup) -> float | None:
 
 
 def run_once(bench: BenchCluster, mode: ModeSetup, d: Durations) -> RunSample:
-    """Measure one run of ``mode`` (raises MeasureError with the failing tool's words)."""
+    """Measure one run of ``mode``.  Each figure is measured on its own: a tool that fails
+    leaves its figure None and its message in ``errors``, and the others are still taken."""
     s = RunSample()
-    s.gbps = throughput(bench, mode, d)
-    s.rps = requests_per_second(bench, mode, d)
-    lat, served, cpu = fixed_rate(bench, mode, d, bench.workdir / "h2load.log")
-    s.p50_ms, s.p90_ms, s.p99_ms = (percentile(lat, q) for q in (50, 90, 99))
-    s.vcpu_per_krps = vcpu_per_krps(cpu, served)
-    s.conn_per_s = connections_per_second(bench, mode, d)
+
+    def attempt(what: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except (MeasureError, ValueError) as e:  # parse.ToolOutputError is a ValueError
+            s.errors.append(f"{what}: {e}")
+
+    def tput() -> None:
+        s.gbps = throughput(bench, mode, d)
+
+    def rps() -> None:
+        s.rps = requests_per_second(bench, mode, d)
+
+    def latency() -> None:
+        lat, served, cpu = fixed_rate(bench, mode, d, bench.workdir / "h2load.log")
+        s.p50_ms, s.p90_ms, s.p99_ms = (percentile(lat, q) for q in (50, 90, 99))
+        s.vcpu_per_krps = vcpu_per_krps(cpu, served)
+
+    def conns() -> None:
+        s.conn_per_s = connections_per_second(bench, mode, d)
+
+    attempt("throughput (iperf3)", tput)
+    attempt("req/s (wrk)", rps)
+    attempt("latency at 1000 req/s (h2load)", latency)
+    attempt("connections/s (wrk)", conns)
     s.rss_mb = peak_rss_mb(mode)
     return s
 

@@ -93,7 +93,7 @@ class H2loadSummary:
 _H2_REQS = re.compile(
     r"^requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, "
     r"(\d+) errored, (\d+) timeout", re.M)
-_H2_FINISHED = re.compile(r"^finished in [0-9.]+m?s, ([0-9.]+) req/s", re.M)
+_H2_FINISHED = re.compile(r"^finished in [0-9.]+(?:us|ms|s), ([0-9.]+) req/s", re.M)
 
 
 def parse_h2load(text: str) -> H2loadSummary:

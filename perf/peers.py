@@ -193,7 +193,7 @@ def stunnel_config(side: str, server_ip: str, pki: PkiFiles,
 def haproxy_config(side: str, server_ip: str, pki: PkiFiles,
                    app_ports: Sequence[int] = APP_PORTS) -> str:
     """haproxy's config for ``side``: TCP mode, one frontend/backend per app port, TLS 1.3."""
-    lines = ["global", "  nbthread 1", "  maxconn 20000",
+    lines = ["global", "  nbthread 1", "  maxconn 4000",
              "  ssl-default-bind-options ssl-min-ver TLSv1.3",
              "  ssl-default-server-options ssl-min-ver TLSv1.3",
              "defaults", "  mode tcp", "  timeout connect 5s", "  timeout client 300s",

@@ -28,8 +28,9 @@ MODES: tuple[str, ...] = ("direct", "direct-same-node", "ambient", "ambient-same
 FIELDS: tuple[str, ...] = ("gbps", "rps", "p50_ms", "p90_ms", "p99_ms", "added_p50_ms",
                            "vcpu_per_krps", "rss_mb", "conn_per_s")
 #: Extra per-mode keys: the largest single proxy's RSS with 1000 idle connections open
-#: through it (the issue's ztunnel memory target), and why a mode has no figures.
-EXTRAS: tuple[str, ...] = ("idle_1000_rss_mb", "note")
+#: through it (the issue's ztunnel memory target), why a mode has no figures at all, and
+#: the tools that failed in some run (their figures are medians of the other runs).
+EXTRAS: tuple[str, ...] = ("idle_1000_rss_mb", "note", "failures")
 PEER = "envoy-hbone"
 
 
@@ -70,6 +71,7 @@ class RunSample:
     vcpu_per_krps: float | None = None
     rss_mb: float | None = None
     conn_per_s: float | None = None
+    errors: list[str] = field(default_factory=list)  # figures that could not be taken, why
 
 
 @dataclass
@@ -108,6 +110,7 @@ def figures(results: Mapping[str, ModeResult]) -> dict[str, dict[str, Any]]:
         row: dict[str, Any] = {f: _round(m.get(f), _DIGITS[f]) for f in FIELDS}
         row["idle_1000_rss_mb"] = _round(r.idle_1000_rss_mb, 1)
         row["note"] = r.note
+        row["failures"] = sorted({e for s in r.runs for e in s.errors})
         out[mode] = row
     return out
 

@@ -22,6 +22,7 @@ directory removed by ``close``.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -96,11 +97,12 @@ class ModeSetup:
 @dataclass
 class BenchCluster:
     capture: str = "auto"
-    name: str = "ambbench"
+    name: str = field(default_factory=lambda: f"bench{secrets.token_hex(2)}")
     progress: Callable[[str], None] = print
     mesh: LocalMesh | None = None
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ambient-bench-")))
     modes: dict[str, ModeSetup] = field(default_factory=dict)
+    body: Path | None = None  # the 1 KiB request body file
 
     # ------------------------------------------------------------------------- building
 

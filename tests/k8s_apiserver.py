@@ -82,6 +82,11 @@ RESOURCES: tuple[Resource, ...] = (
              builtin=False),
     Resource("Gateway", "gateway.networking.k8s.io", "v1", "gateways", builtin=False),
     Resource("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes", builtin=False),
+    Resource("GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes", builtin=False),
+    Resource("ReferenceGrant", "gateway.networking.k8s.io", "v1beta1", "referencegrants",
+             builtin=False),
+    Resource("HTTPTrafficPolicy", "ambient.io", "v1alpha1", "httptrafficpolicies",
+             builtin=False),
     # what `ambientctl install` applies (tests/integration/test_install_apply.py)
     Resource("Secret", "", "v1", "secrets"),
     Resource("Deployment", "apps", "v1", "deployments"),

@@ -253,18 +253,18 @@ def authorize_with(policies: Iterable[L7Policy], req: Request) -> L7Decision:
             allow.append(p)
         elif p.action == "AUDIT" and p.matches(req):
             audit.append(p.key)
-    marks = {"audit": tuple(audit), "dry_run": tuple(dry)}
+    au, dr = tuple(audit), tuple(dry)
     for p in deny:
         if p.matches(req):
-            return L7Decision(False, f"denied by DENY policy {p.key}", p.key, **marks)
+            return L7Decision(False, f"denied by DENY policy {p.key}", p.key, au, dr)
     if not allow:
-        return L7Decision(True, "no ALLOW policy applies", None, **marks)
+        return L7Decision(True, "no ALLOW policy applies", None, au, dr)
     for p in allow:
         if p.matches(req):
-            return L7Decision(True, f"allowed by ALLOW policy {p.key}", p.key, **marks)
+            return L7Decision(True, f"allowed by ALLOW policy {p.key}", p.key, au, dr)
     return L7Decision(
         False, "ALLOW policies apply but none matched: " + ", ".join(p.key for p in allow),
-        None, **marks,
+        None, au, dr,
     )
 
 
@@ -476,7 +476,9 @@ def parse_policy(obj: dict[str, Any], trust_domain: str,
         w = f"spec.rules[{i}]"
         try:
             rules.append(_rule(r, w, trust_domain, ns, problems))
-        except FieldError as e:
+        except Exception as e:  # FieldError, or junk a field check did not foresee
+            if not isinstance(e, FieldError):
+                e = FieldError(f"{w} cannot be read ({type(e).__name__}: {e})")
             effect = "matches every request" if action == "DENY" else "matches nothing"
             problems.append(f"{e}; this rule now {effect} (fail closed)")
             rules.append(Rule(broken=str(e)))

@@ -91,7 +91,7 @@ class _Reader:
         while True:
             ev = self.conn.next_event()
             if ev is not h11.NEED_DATA:
-                return ev  # type: ignore[no-any-return]
+                return ev  # type: ignore[return-value]
             if self.eof:
                 raise H1Error("peer closed mid-message")
             async with asyncio.timeout(timeout):
@@ -181,7 +181,10 @@ async def _serve_one(
 ) -> bool:
     headers = _decode(ev.headers)
     authority = get_header(headers, "host") or ""
-    body = Body(length=_body_length(headers))
+    length = _body_length(headers)
+    if length is None and get_header(headers, "transfer-encoding") is None:
+        length = 0  # RFC 9112 §6.3: a request without framing headers has no body
+    body = Body(length=length)
     req = HttpRequest(
         method=ev.method.decode("ascii", "replace"), scheme="http", authority=authority,
         target=ev.target.decode("latin-1"),
@@ -277,13 +280,13 @@ class H1Client:
         headers = [(k, v) for k, v in end_to_end(req.headers) if k != "content-length"]
         headers.insert(0, ("host", req.authority))
         body = req.body
-        if body.length is not None:
-            headers.append(("content-length", str(body.length)))
-        elif body.ended and body.received == 0:
-            if req.method in ("POST", "PUT", "PATCH"):
-                headers.append(("content-length", "0"))
-        else:
+        length = body.length
+        if length is None and body.ended and body.received == 0:
+            length = 0
+        if length is None:
             headers.append(("transfer-encoding", "chunked"))
+        elif length > 0 or req.method in ("POST", "PUT", "PATCH"):
+            headers.append(("content-length", str(length)))
         try:
             await _w(self.stream, self.conn.send(h11.Request(
                 method=req.method, target=req.target, headers=_encode(headers))))
@@ -315,7 +318,7 @@ class H1Client:
         try:
             while data := await body.read():
                 await _w(self.stream, self.conn.send(h11.Data(data=data)))
-            chunked = body.length is None
+            chunked = self.conn.our_state is h11.SEND_BODY and body.length is None
             trailers = _encode(body.trailers) if chunked else []
             await _w(self.stream, self.conn.send(h11.EndOfMessage(headers=trailers)))
         except (BodyError, h11.LocalProtocolError, OSError, ConnectionError) as e:

@@ -205,7 +205,7 @@ class H2Conn:
             sid = self.h2.get_next_available_stream_id()
             st = _Stream(sid)
             st.head = asyncio.get_running_loop().create_future()
-            st.body = Body(on_consumed=lambda n, s=sid: self._ack(s, n))
+            st.body = Body(on_consumed=self._acker(sid))
             self._streams[sid] = st
             end_now = body.ended and not body.buffered() and not body.trailers \
                 and body.received == 0
@@ -308,6 +308,9 @@ class H2Conn:
         if st.body is None or st.body.ended:
             self._streams.pop(sid, None)
 
+    def _acker(self, sid: int) -> Callable[[int], None]:
+        return lambda n: self._ack(sid, n)
+
     def _ack(self, sid: int, n: int) -> None:
         if self._closed is not None or n <= 0:
             return
@@ -377,7 +380,7 @@ class H2Conn:
         raw = _hdrs(ev.headers or [])
         pseudo = {k: v for k, v in raw if k.startswith(":")}
         regular = [(k, v) for k, v in raw if not k.startswith(":")]
-        st = _Stream(sid, body=Body(on_consumed=lambda n, s=sid: self._ack(s, n)))
+        st = _Stream(sid, body=Body(on_consumed=self._acker(sid)))
         assert st.body is not None
         st.body.length = _length(regular)
         self._streams[sid] = st

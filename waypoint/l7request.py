@@ -1,4 +1,4 @@
-"""What the waypoint's L7 decisions see of one HTTP request: ``Request``, ``Source``, ``Destination``.
+"""The L7 decisions' view of one HTTP request: ``Request``, ``Source``, ``Destination``.
 
 Role: the input type shared by routing (``routes.py``), authorization (``authz.py``) and the
 filters (``filters.py``).  The proxy (``proxy.py``/``http.py``) builds one ``Request`` per

@@ -177,7 +177,7 @@ class TokenBucket:
 
     def __init__(self, rate_per_s: float, burst: int | float) -> None:
         if rate_per_s <= 0 or burst < 1:
-            raise ValueError(f"token bucket needs rate > 0 and burst >= 1, got {rate_per_s}, {burst}")
+            raise ValueError(f"token bucket: rate {rate_per_s} must be > 0, burst {burst} >= 1")
         self.rate_per_s = float(rate_per_s)
         self.burst = float(burst)
         self.tokens = float(burst)

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ambient.hbone.aio import HboneConnectError, HboneStream
@@ -139,15 +138,27 @@ class Upstreams:
 
     async def _send_h1(self, ep: Endpoint, st: _Endpoint, req: HttpRequest, lease: Lease
                        ) -> HttpResponse:
-        client = None
-        while st.idle_h1:
-            c = st.idle_h1.pop()
-            if not c.broken:
-                client = c
-                break
-        if client is None:
-            client = H1Client(await self._tunnel(ep))
+        for _ in range(MAX_IDLE_H1 + 1):
+            client, reused = None, False
+            while st.idle_h1 and client is None:
+                c = st.idle_h1.pop()
+                if not c.broken:
+                    client, reused = c, True
+            if client is None:
+                client = H1Client(await self.tunnel(ep))
+            lease._release = self._h1_release(st, client)
+            try:
+                return await client.request(req)
+            except H1Error as e:
+                # A kept-alive connection the upstream closed meanwhile: try a fresh one, if
+                # no byte of the body was taken yet.
+                if reused and req.body.read_bytes == 0:
+                    log.debug("stale upstream connection to %s: %s", _addr(ep), e)
+                    continue
+                raise UpstreamError("UC", f"upstream {_addr(ep)}: {e}") from e
+        raise UpstreamError("UC", f"upstream {_addr(ep)}: every kept-alive connection failed")
 
+    def _h1_release(self, st: _Endpoint, client: H1Client) -> Callable[[bool], None]:
         def release(ok: bool) -> None:
             st.inflight -= 1
             if ok and client.reset() and len(st.idle_h1) < MAX_IDLE_H1:
@@ -155,11 +166,7 @@ class Upstreams:
             else:
                 client.close()
 
-        lease._release = release
-        try:
-            return await client.request(req)
-        except H1Error as e:
-            raise UpstreamError("UC", f"upstream {_addr(ep)}: {e}") from e
+        return release
 
     async def _send_h2(self, ep: Endpoint, st: _Endpoint, req: HttpRequest, lease: Lease
                        ) -> HttpResponse:
@@ -193,13 +200,14 @@ class Upstreams:
             await asyncio.shield(st.h2_opening)
 
     async def _open_h2(self, ep: Endpoint) -> H2Conn:
-        conn = H2Conn(await self._tunnel(ep), client=True)
+        conn = H2Conn(await self.tunnel(ep), client=True)
         task = asyncio.ensure_future(conn.run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return conn
 
-    async def _tunnel(self, ep: Endpoint) -> HboneStream:
+    async def tunnel(self, ep: Endpoint) -> HboneStream:
+        """A new HBONE CONNECT stream to the endpoint (through the shared pool)."""
         wl = ep.workload
         ip = wl.addresses[0]
         authority = format_authority(ip, ep.target_port)
@@ -238,6 +246,3 @@ def _addr(ep: Endpoint) -> str:
 def _describe(wl: Workload) -> str:
     return f"{wl.namespace}/{wl.name}"
 
-
-Dial = Callable[[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]],
-                Awaitable[object]]

@@ -7,6 +7,8 @@ The demo prints a verdict per scenario and exits non-zero if any misbehaved.
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from ambient.cluster.cluster import destroy_from_state, sweep_stale
-from ambient.cluster.echo import ProbeResult
+from ambient.cluster.echo import HttpResult, ProbeResult
 from ambient.cluster.mesh import LocalMesh, MeshError, ensure_root, remove_run_dir
 
 SPIFFE = "spiffe://cluster.local/ns/{ns}/sa/{sa}"
@@ -272,11 +274,119 @@ def ztunnel_restart(mesh: LocalMesh) -> Scenario:
                     + (f" ({failed[0].error})" if failed else ""))
 
 
+# -- the waypoint (L7) ----------------------------------------------------------------------
+
+WAYPOINT = "shop/waypoint"
+REVIEWS_VIP = "10.96.0.30"
+REVIEWS_HOST = "reviews.shop.svc.cluster.local"
+
+
+def http(mesh: LocalMesh, src: str, host: str, port: int, path: str = "/", *,
+         method: str = "GET", count: int = 1, timeout: float = 5) -> list[HttpResult]:
+    """``count`` HTTP requests made by one of ``src``'s applications (``echo http``)."""
+    assert mesh.cluster is not None
+    cp = mesh.cluster.run_in_pod(
+        mesh.pods[src], [sys.executable, "-m", "ambient.cluster.echo", "http", "--host", host,
+                         "--port", str(port), "--path", path, "--method", method, "--count",
+                         str(count), "--timeout", str(timeout)],
+        timeout=count * timeout + 30)
+    try:
+        results = json.loads(cp.stdout.strip().splitlines()[-1])["results"]
+        return [HttpResult.from_json(r) for r in results]
+    except (ValueError, IndexError, KeyError, TypeError):
+        return [HttpResult(error=f"http client failed: {cp.stderr.strip()[-500:]}")]
+
+
+def _requests_total(mesh: LocalMesh, **labels: str) -> float:
+    return metric_value(mesh.waypoint_metrics(WAYPOINT), "istio_requests_total", **labels)
+
+
+def waypoint_l7_policy(mesh: LocalMesh) -> Scenario:
+    """The waypoint enforces an L7 AuthorizationPolicy: /admin is denied (403), /api allowed."""
+    labels = {"response_code": "403", "destination_service_name": "reviews"}
+    before = _requests_total(mesh, **labels)
+    ok_r = http(mesh, "shop/frontend", REVIEWS_VIP, 80, "/api/reviews")[0]
+    deny_r = http(mesh, "shop/frontend", REVIEWS_VIP, 80, "/admin/config")[0]
+    recorded = _until(lambda: _requests_total(mesh, **labels) > before, timeout=5)
+    ok = (ok_r.status == 200 and ok_r.json().get("path") == "/api/reviews"
+          and deny_r.status == 403 and "RBAC: access denied" in deny_r.text and recorded)
+    return Scenario("waypoint: L7 policy denies a path, allows another on the same service", ok,
+                    f"frontend -> reviews GET /api/reviews: {ok_r.status or ok_r.error} (from "
+                    f"{ok_r.json().get('pod', '?')}); GET /admin/config: {deny_r.status} "
+                    f"{deny_r.text.strip()!r}; the waypoint recorded istio_requests_total"
+                    f"{{response_code=\"403\"}}: {recorded}")
+
+
+def waypoint_traffic_split(mesh: LocalMesh, n: int = 200) -> Scenario:
+    """The HTTPRoute's 90/10 split, observed over ``n`` requests (per request, not per
+    connection: the waypoint balances each request)."""
+    results = http(mesh, "shop/frontend", REVIEWS_VIP, 80, "/api/reviews", count=n)
+    by_pod: dict[str, int] = {}
+    for r in results:
+        pod = str(r.json().get("pod", f"error {r.status or r.error}"))
+        by_pod[pod] = by_pod.get(pod, 0) + 1
+    v1, v2 = by_pod.get("reviews-v1", 0), by_pod.get("reviews-v2", 0)
+    share = v2 / max(1, len(results))
+    ok = len(results) == n and v1 + v2 == n and 0.02 <= share <= 0.25
+    return Scenario("waypoint: HTTPRoute splits reviews 90/10 between v1 and v2", ok,
+                    f"{n} requests frontend -> reviews: v1 {v1}, v2 {v2} (v2 share "
+                    f"{100 * share:.1f}%, route weight 10%)"
+                    + ("" if v1 + v2 == n else f"; others: {by_pod}"))
+
+
+def waypoint_cannot_be_skipped(mesh: LocalMesh) -> Scenario:
+    """A mesh pod that connects straight to a reviews pod (its IP, the port the reviews
+    Service targets) is refused by the destination ztunnel: only the waypoint may come in."""
+    target = mesh.pods["shop/reviews-v1"]
+    labels = {"reporter": "destination", "destination_workload": "reviews",  # the app label
+              "response_flags": "DENY",
+              "source_principal": SPIFFE.format(ns="shop", sa="frontend")}
+    before = metric_value(mesh.metrics(target.node), "istio_tcp_connections_closed_total",
+                          **labels)
+    r = http(mesh, "shop/frontend", target.ip, 8081, "/admin/config", timeout=3)[0]
+    denied = _until(lambda: metric_value(mesh.metrics(target.node),
+                                         "istio_tcp_connections_closed_total", **labels) > before,
+                    timeout=5)
+    via = http(mesh, "shop/frontend", REVIEWS_VIP, 80, "/api/reviews")[0]
+    ok = r.status == 0 and denied and via.status == 200
+    return Scenario("waypoint cannot be skipped: direct pod traffic to reviews is refused", ok,
+                    f"frontend -> reviews-v1 {target.ip}:8081 directly: "
+                    f"{'refused' if r.status == 0 else f'ANSWERED {r.status}'}; its ztunnel "
+                    f"recorded DENY for frontend's principal: {denied}; through the service "
+                    f"(and so the waypoint): {via.status or via.error}")
+
+
+def waypoint_down_fails_closed(mesh: LocalMesh) -> Scenario:
+    """With the waypoint's process stopped, reviews is unreachable (never reached around the
+    waypoint); once it is back, traffic flows again."""
+    fe = mesh.pods["shop/frontend"]
+    labels = {"reporter": "source", "destination_service": REVIEWS_HOST,
+              "response_flags": "CONNECT"}
+    before = metric_value(mesh.metrics(fe.node), "istio_tcp_connections_closed_total", **labels)
+    mesh.stop_waypoint(WAYPOINT)
+    try:
+        down = http(mesh, "shop/frontend", REVIEWS_VIP, 80, "/api/reviews", timeout=3)[0]
+        recorded = _until(lambda: metric_value(
+            mesh.metrics(fe.node), "istio_tcp_connections_closed_total", **labels) > before,
+            timeout=5)
+    finally:
+        mesh.start_waypoint(WAYPOINT)
+    back = _until(lambda: http(mesh, "shop/frontend", REVIEWS_VIP, 80, "/api/reviews")[0]
+                  .status == 200, timeout=20)
+    ok = down.status == 0 and recorded and back
+    return Scenario("waypoint down: traffic that needs it fails closed", ok,
+                    f"waypoint stopped: frontend -> reviews "
+                    f"{'refused' if down.status == 0 else f'ANSWERED {down.status}'}, "
+                    f"frontend's ztunnel recorded a CONNECT failure: {recorded}; waypoint "
+                    f"restarted, traffic back: {back}")
+
+
 SCENARIOS: list[Callable[[LocalMesh], Scenario]] = [
     mtls_cross_node, mtls_same_node, service_vip, policy_allows_backend,
     policy_denies_frontend, strict_refuses_plaintext, unenrolled_bypass,
     passthrough_to_unenrolled, late_enrollment, unenrollment, policy_change_live,
-    ztunnel_restart,
+    ztunnel_restart, waypoint_l7_policy, waypoint_traffic_split, waypoint_cannot_be_skipped,
+    waypoint_down_fails_closed,
 ]
 
 
@@ -291,6 +401,15 @@ def show_metrics(mesh: LocalMesh) -> None:
                     print(f"  [{node}] source_principal={s.labels['source_principal']} "
                           f"destination_workload={s.labels['destination_workload']} "
                           f"response_flags={s.labels['response_flags']}: {int(s.value)}")
+    for key in sorted(mesh.waypoints):
+        print(f"\nistio_requests_total on waypoint {key} (:15020/stats/prometheus):")
+        for fam in text_string_to_metric_families(mesh.waypoint_metrics(key)):
+            for s in fam.samples:
+                if s.name == "istio_requests_total":
+                    print(f"  source_principal={s.labels.get('source_principal')} "
+                          f"destination_service_name={s.labels.get('destination_service_name')} "
+                          f"destination_version={s.labels.get('destination_version')} "
+                          f"response_code={s.labels.get('response_code')}: {int(s.value)}")
     lines = [ln for ln in mesh.log_path("node-b").read_text().splitlines()
              if "connection complete" in ln and 'direction="inbound"' in ln]
     if lines:

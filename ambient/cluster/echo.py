@@ -3,11 +3,15 @@
 Server (``python -m ambient.cluster.echo serve --tcp 8080 --http 8081 --name <pod>``):
 - TCP: on connect send one line ``hello from <name>; you are <peer ip>:<port>``, then echo
   everything until EOF and half-close back.
-- HTTP/1.1: any GET returns 200 with JSON ``{"pod", "client", "path"}`` (keep-alive honoured).
+- HTTP/1.1: any method returns 200 with JSON ``{"pod", "client", "path", "query", "method",
+  "headers"}`` and the header ``x-pod: <name>`` (keep-alive honoured); ``/status/<code>``
+  answers with that status instead.
 
-Client API (for the harness and tests): ``tcp_probe`` / ``http_get`` open their socket inside
-the pod netns with ``ambient.netns.socket_in_netns``, so the connection originates in that pod
-and goes through the pod's capture rules.  Every step has a bounded timeout.
+Client API (for the harness and tests): ``tcp_probe`` / ``http_get`` / ``http_request`` open
+their socket inside the pod netns with ``ambient.netns.socket_in_netns``, so the connection
+originates in that pod and goes through the pod's capture rules.  The ``probe`` and ``http``
+subcommands run the same clients *as the pod's application* (started in its cgroup and netns
+by ``LocalCluster.run_in_pod``).  Every step has a bounded timeout.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import re
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ambient.netns import NetnsRef, netns_path, socket_in_netns
 
@@ -76,12 +81,7 @@ async def _handle_http(name: str, reader: asyncio.StreamReader,
                 await reader.readexactly(length)
             close = (headers.get("connection", "").lower() == "close"
                      or version == "HTTP/1.0")
-            if method in ("GET", "HEAD"):
-                status = "200 OK"
-                body = json.dumps({"pod": name, "client": peer[0], "path": path}).encode()
-            else:
-                status = "405 Method Not Allowed"
-                body = b""
+            status, body = _http_answer(name, peer[0], method, path, headers)
             writer.write(
                 f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nx-pod: {name}\r\n"
@@ -94,6 +94,27 @@ async def _handle_http(name: str, reader: asyncio.StreamReader,
         pass
     finally:
         writer.close()
+
+
+def _http_answer(name: str, client: str, method: str, target: str,
+                 headers: dict[str, str]) -> tuple[str, bytes]:
+    """(status line, JSON body) for one request: ``/status/<code>`` answers ``<code>``;
+    everything else 200.  The body echoes what the app saw (for L7 tests)."""
+    path, _, query = target.partition("?")
+    code = 200
+    m = re.fullmatch(r"/status/(\d{3})", path)
+    if m and 200 <= int(m[1]) <= 599:
+        code = int(m[1])
+    body = json.dumps({"pod": name, "client": client, "path": path, "query": query,
+                       "method": method, "headers": headers}).encode()
+    if code in (204, 304):
+        body = b""  # these responses have no body
+    return f"{code} {_REASONS.get(code, 'Status')}", body
+
+
+_REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
+            404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
+            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 async def serve(name: str, tcp_port: int | None, http_port: int | None,
@@ -134,7 +155,24 @@ def main(argv: list[str] | None = None) -> int:
     hp.add_argument("--host", required=True)
     hp.add_argument("--port", type=int, default=8080)
     hp.add_argument("--max-seconds", type=float, default=60.0)
+    tp = sub.add_parser("http", help="send HTTP/1.1 requests as a pod's application would "
+                                      "(a new connection each); print one JSON line with all")
+    tp.add_argument("--host", required=True)
+    tp.add_argument("--port", type=int, default=80)
+    tp.add_argument("--path", default="/")
+    tp.add_argument("--method", default="GET")
+    tp.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
+    tp.add_argument("--count", type=int, default=1)
+    tp.add_argument("--timeout", type=float, default=5.0)
     args = ap.parse_args(argv)
+    if args.cmd == "http":
+        hdrs = [tuple(h.split(":", 1)) for h in args.header if ":" in h]
+        out = [http_request(None, args.host, args.port, args.path, method=args.method,
+                            headers=[(k.strip(), v.strip()) for k, v in hdrs],
+                            timeout=args.timeout).to_json()
+               for _ in range(max(0, min(args.count, 10_000)))]
+        print(json.dumps({"results": out}))
+        return 0
     if args.cmd == "hold":
         return hold(args.host, args.port, args.max_seconds)
     if args.cmd == "probe":
@@ -285,6 +323,93 @@ def http_get(netns: NetnsRef, host: str, port: int, path: str = "/",
     except ValueError:
         data = {"raw": body.decode(errors="replace")}
     return int(parts[1]), data
+
+
+@dataclass
+class HttpResult:
+    """One HTTP exchange: ``status`` 0 means no response (``error`` says why)."""
+
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    error: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+    def json(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.body)
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "headers": self.headers, "body": self.text,
+                "error": self.error}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> HttpResult:
+        return cls(int(d.get("status", 0)), dict(d.get("headers") or {}),
+                   str(d.get("body", "")).encode(), str(d.get("error", "")))
+
+
+def http_request(netns: NetnsRef | None, host: str, port: int, path: str = "/", *,
+                 method: str = "GET", headers: list[tuple[str, str]] | None = None,
+                 body: bytes = b"", timeout: float = 5.0) -> HttpResult:
+    """One HTTP/1.1 request on a new connection (``connection: close``).  Never raises for
+    network or protocol errors: they are in ``HttpResult.error`` with ``status`` 0."""
+    deadline = time.monotonic() + timeout
+    lines = [f"{method} {path} HTTP/1.1", f"host: {host}:{port}", "connection: close",
+             f"content-length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers or []]
+    try:
+        s = _connect(netns, host, port, timeout, None)
+    except OSError as exc:
+        return HttpResult(error=f"connect {host}:{port}: {exc!r}")
+    buf = b""
+    with s:
+        try:
+            s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+            while len(buf) < 16 * 1024 * 1024:
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except OSError as exc:
+            if not buf:
+                return HttpResult(error=f"{host}:{port}: {exc!r}")
+    return _parse_response(buf, f"{host}:{port}")
+
+
+def _parse_response(buf: bytes, where: str) -> HttpResult:
+    head, sep, rest = buf.partition(b"\r\n\r\n")
+    status_line, *hlines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    if not sep or len(parts) < 2 or not parts[1].isdigit():
+        return HttpResult(error=f"no HTTP response from {where}: {buf[:80]!r}")
+    hdrs: dict[str, str] = {}
+    for line in hlines:
+        k, _, v = line.partition(":")
+        hdrs[k.strip().lower()] = v.strip()
+    if "chunked" in hdrs.get("transfer-encoding", "").lower():
+        body = b""
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            try:
+                size = int(size_line.split(b";")[0] or b"0", 16)
+            except ValueError:
+                return HttpResult(error=f"bad chunked body from {where}: {size_line[:40]!r}")
+            if size == 0:
+                break
+            body, rest = body + rest[:size], rest[size + 2:]
+    elif "content-length" in hdrs and hdrs["content-length"].isdigit():
+        body = rest[:int(hdrs["content-length"])]
+    else:
+        body = rest
+    return HttpResult(int(parts[1]), hdrs, body)
 
 
 def wait_listening(pid: int, port: int, timeout: float = 10.0) -> bool:

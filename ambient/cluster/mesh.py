@@ -27,7 +27,8 @@ from typing import Any
 import yaml
 
 from ambient.ca import CertificateAuthority
-from ambient.cluster.cluster import CLUSTER_SERVICES_IP, LocalCluster, PodHandle
+from ambient.cluster import netlink
+from ambient.cluster.cluster import CLUSTER_SERVICES_IP, UNDERLAY_BRIDGE, LocalCluster, PodHandle
 from ambient.cluster.cni import CNI_PATH, CniError
 from ambient.cluster.echo import http_get
 from ambient.netns import netns_path, socket_in_netns
@@ -64,6 +65,7 @@ class LocalMesh:
     ztunnel_slot: dict[str, int] = field(default_factory=dict)  # node -> port slot (0 or 1)
     backend: str = ""  # the capture backend the agents use
     controlplane: Any = None  # the control plane process
+    waypoints: dict[str, Any] = field(default_factory=dict)  # "ns/gateway" -> waypoint process
 
     @property
     def run_dir(self) -> Path:
@@ -129,6 +131,7 @@ class LocalMesh:
             self.cluster.start_echo(pod)
             progress(f"  pod {ns}/{pod.name}: {pod.ip} on {pod.node}")
         self.write_manifests()
+        self.start_waypoints(progress)
         self.refresh_enrolled()
         for key in sorted(self.enrolled):
             progress(f"  {key} is captured ({self.backend}) and served by its node's ztunnel")
@@ -217,6 +220,103 @@ class LocalMesh:
         self.ztunnels[node] = proc
         self.ztunnel_slot[node] = slot
         return proc
+
+    # -- waypoints (what Istio's gateway deployment controller does) -----------------------
+
+    def start_waypoints(self, progress: Any = print) -> None:
+        """For every Gateway of class ``istio-waypoint``: a waypoint pod and its Service."""
+        gateways = waypoint_gateways(self.objects)
+        if not gateways:
+            return
+        self.route_pods_to_services()
+        for gw in gateways:
+            key = self.add_waypoint(gw)
+            pod = self.pods[key]
+            progress(f"  waypoint {key}: pod {pod.ip} on {pod.node}, Service "
+                     f"{waypoint_service_vip(self.objects, key)}:15008, ready")
+
+    def route_pods_to_services(self) -> None:
+        """Routes in the underlay to every pod CIDR, so pods (a waypoint asking the CA for
+        its certificate) reach the control plane on CLUSTER_SERVICES_IP."""
+        assert self.cluster is not None
+        for h in self.cluster.nodes.values():
+            with contextlib.suppress(netlink.NetlinkError):  # already there (idempotent)
+                netlink.add_route(self.cluster.underlay, h.pod_cidr, via=h.underlay_ip,
+                                  dev=UNDERLAY_BRIDGE)
+
+    def add_waypoint(self, gateway: dict[str, Any]) -> str:
+        """Create the waypoint pod (CNI ADD, not captured) and Service of one Gateway, start
+        ``python -m waypoint`` in it and wait until it is ready; returns ``ns/name``."""
+        assert self.cluster is not None
+        meta = gateway.get("metadata") or {}
+        ns, name = meta.get("namespace", "default"), meta["name"]
+        node = pick_waypoint_node(gateway, self.objects, sorted(self.cluster.nodes))
+        vip = allocate_service_vip(self.objects)
+        objs = waypoint_manifests(gateway, node, vip)
+        self.objects.extend(objs)
+        self.write_manifests()  # the agent reads the pod's labels before the CNI ADD
+        pod_obj = objs[0]
+        try:
+            pod = self.cluster.add_pod(name, ns, node, service_account=pod_obj["spec"][
+                "serviceAccountName"], labels=pod_obj["metadata"]["labels"],
+                uid=pod_obj["metadata"]["uid"])
+        except CniError as e:
+            raise MeshError(f"CNI ADD of waypoint pod {ns}/{name} failed: {e}") from e
+        self.pods[f"{ns}/{name}"] = pod
+        self.write_manifests()
+        self.start_waypoint(f"{ns}/{name}")
+        return f"{ns}/{name}"
+
+    def waypoint_env(self, key: str) -> dict[str, str]:
+        pod = self.pods[key]
+        cp = f"https://{CLUSTER_SERVICES_IP}:{CONTROLPLANE_TLS_PORT}"
+        return {
+            "WAYPOINT_NAME": pod.name, "POD_NAME": pod.name, "POD_NAMESPACE": pod.namespace,
+            "SERVICE_ACCOUNT": pod.service_account, "NODE_NAME": pod.node,
+            "INSTANCE_IP": pod.ip, "LOCAL_MANIFESTS_PATH": str(self.manifests_path),
+            "CA_ADDRESS": cp, "CA_ROOT_CA": str(self.run_dir / "ca" / "root-cert.pem"),
+            "ALT_CA_HOSTNAME": ISTIOD_HOST,
+            "AUTH_TOKEN": str(self.run_dir / "tokens" / f"waypoint.{pod.namespace}.{pod.name}"),
+            "RUST_LOG": "info", **_env(),
+        }
+
+    def start_waypoint(self, key: str, timeout: float = ZTUNNEL_READY_TIMEOUT) -> Any:
+        """Start (or restart) ``python -m waypoint`` in its pod; wait for :15021 ready."""
+        assert self.cluster is not None
+        pod = self.pods[key]
+        proc = self.cluster.start_app(pod, [sys.executable, "-m", "waypoint"],
+                                      env=self.waypoint_env(key))
+        self.waypoints[key] = proc
+        deadline, last = time.monotonic() + timeout, ""
+        while time.monotonic() < deadline:
+            if proc.popen is not None and proc.popen.poll() is not None:
+                raise MeshError(f"waypoint {key} exited; see {self.cluster.log_path(pod.name)}")
+            try:
+                status, body = http_get(pod.netns, "127.0.0.1", WAYPOINT_READY_PORT,
+                                        "/healthz/ready", timeout=2)
+                if status == 200:
+                    return proc
+                last = f"{status} {body}"
+            except OSError as e:
+                last = str(e)
+            time.sleep(0.2)
+        raise MeshError(f"waypoint {key} not ready after {timeout}s ({last}); see "
+                        f"{self.cluster.log_path(pod.name)}")
+
+    def stop_waypoint(self, key: str) -> None:
+        """Stop the waypoint's process (its pod and Service stay: traffic must fail closed)."""
+        assert self.cluster is not None
+        proc = self.waypoints.pop(key, None)
+        if proc is not None:
+            self.cluster.stop_process(proc)
+
+    def waypoint_metrics(self, key: str) -> str:
+        """The waypoint's Prometheus text (:15020/stats/prometheus, from inside its pod)."""
+        status, body = http_get(self.pods[key].netns, "127.0.0.1", 15020,
+                                "/stats/prometheus", timeout=5)
+        if status != 200:
+            raise MeshError(f"metrics of waypoint {key} answered {status}")
+        return str(body.get("raw", ""))
 
     def restart_ztunnel(self, node: str) -> None:
         """A rolling restart: the new ztunnel gets the snapshot and binds (SO_REUSEPORT)
@@ -397,6 +497,81 @@ class HeldApp:
             if word in lines:
                 return word
         return "starting"
+
+
+WAYPOINT_CLASS = "istio-waypoint"
+WAYPOINT_READY_PORT = 15021
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+WAYPOINT_NODE_ANNOTATION = "ambient.io/node"  # (ours) where the local mesh runs a waypoint
+
+
+def waypoint_gateways(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objects if o.get("kind") == "Gateway"
+            and (o.get("spec") or {}).get("gatewayClassName") == WAYPOINT_CLASS]
+
+
+def pick_waypoint_node(gateway: dict[str, Any], objects: list[dict[str, Any]],
+                       nodes: list[str]) -> str:
+    """The annotation ``ambient.io/node`` if it names a node, else the node with the fewest
+    pods (ties: by name)."""
+    wanted = ((gateway.get("metadata") or {}).get("annotations") or {}).get(
+        WAYPOINT_NODE_ANNOTATION)
+    if wanted in nodes:
+        return str(wanted)
+    count = {n: 0 for n in nodes}
+    for o in objects:
+        n = (o.get("spec") or {}).get("nodeName") if o.get("kind") == "Pod" else None
+        if n in count:
+            count[n] += 1
+    return min(nodes, key=lambda n: (count[n], n))
+
+
+def allocate_service_vip(objects: list[dict[str, Any]]) -> str:
+    """An unused ClusterIP in 10.96.100.0/22 (what the API server would allocate)."""
+    used = {str((o.get("spec") or {}).get("clusterIP")) for o in objects
+            if o.get("kind") == "Service"}
+    for i in range(4 * 254):
+        vip = f"10.96.{100 + i // 254}.{i % 254 + 1}"
+        if vip not in used:
+            return vip
+    raise MeshError("no free ClusterIP left in 10.96.100.0/22 for a waypoint Service")
+
+
+def waypoint_service_vip(objects: list[dict[str, Any]], key: str) -> str:
+    ns, _, name = key.partition("/")
+    for o in objects:
+        meta = o.get("metadata") or {}
+        if o.get("kind") == "Service" and meta.get("namespace") == ns and meta.get("name") == name:
+            return str((o.get("spec") or {}).get("clusterIP"))
+    return "?"
+
+
+def waypoint_manifests(gateway: dict[str, Any], node: str, vip: str) -> list[dict[str, Any]]:
+    """The Pod, Service and ServiceAccount Istio's deployment controller makes for a waypoint
+    Gateway: pod and account named like the Gateway, the pod not captured
+    (``istio.io/dataplane-mode: none``), the Service on 15008 (``mesh``) selecting the pod and
+    marked as managed (so it gets no waypoint itself)."""
+    meta = gateway.get("metadata") or {}
+    ns, name = meta.get("namespace", "default"), meta["name"]
+    labels = {GATEWAY_NAME_LABEL: name, "istio.io/dataplane-mode": "none",
+              "gateway.istio.io/managed": "istio.io-mesh-controller"}
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": ns, "labels": labels,
+                        "uid": str(uuid.uuid4())},
+           "spec": {"nodeName": node, "serviceAccountName": name,
+                    "containers": [{"name": "istio-proxy", "ports": [
+                        {"name": "mesh", "containerPort": 15008},
+                        {"name": "http-envoy-prom", "containerPort": 15020},
+                        {"name": "status-port", "containerPort": 15021}]}]}}
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": ns,
+                        "labels": {GATEWAY_NAME_LABEL: name,
+                                   "gateway.istio.io/managed": "istio.io-mesh-controller"}},
+           "spec": {"clusterIP": vip, "selector": {GATEWAY_NAME_LABEL: name},
+                    "ports": [{"name": "mesh", "port": 15008, "targetPort": 15008}]}}
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount",
+          "metadata": {"name": name, "namespace": ns}}
+    return [pod, svc, sa]
 
 
 def remove_run_dir(run_dir: Path) -> None:

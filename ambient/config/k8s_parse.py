@@ -45,6 +45,8 @@ KINDS = frozenset({
     "Namespace", "Pod", "Service", "EndpointSlice", "ServiceAccount",
     "AuthorizationPolicy", "PeerAuthentication", "Gateway", "HTTPRoute",
 })  # fmt: skip
+# Kinds only waypoints read (L7 routing and traffic policy): accepted without a warning.
+L7_ONLY_KINDS = frozenset({"GRPCRoute", "ReferenceGrant", "HTTPTrafficPolicy"})
 CLUSTER_SCOPED = frozenset({"Namespace"})
 
 

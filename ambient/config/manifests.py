@@ -26,7 +26,7 @@ from typing import Any
 
 from ambient.config._common import load_yaml_documents
 from ambient.config.k8s_build import build
-from ambient.config.k8s_parse import KINDS, Settings, describe, key_of, normalise, parse
+from ambient.config.k8s_parse import KINDS, L7_ONLY_KINDS, Settings, describe, key_of, normalise, parse
 from ambient.config.k8s_world import World
 from ambient.model import from_proto
 
@@ -102,6 +102,9 @@ class Translator:
             norm = normalise(obj)
         except Exception as e:
             self._refuse(key, f"{describe(obj)}: {e}")
+            return set()
+        if norm["kind"] in L7_ONLY_KINDS:
+            self._ignored.add(key)  # the waypoint's business: nothing for ztunnel
             return set()
         if norm["kind"] not in KINDS:
             self._ignored.add(key)

@@ -609,9 +609,12 @@ class HboneConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        data = self.proto.data_to_send()
-        if data and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        vec = self.proto.data_to_send_vec()
+        if vec and self._transport is not None and not self._transport.is_closing():
+            if len(vec) == 1:
+                self._transport.write(vec[0])
+            else:
+                self._transport.writelines(vec)  # DATA payloads go to TLS without a join
 
     def _arm_timer(self) -> None:
         if self.closed.done():

@@ -16,6 +16,11 @@ Invariants:
   flushed, in order, when the peer opens its window; ``StreamWritable`` says a buffer emptied.
 * Received bytes are never acknowledged implicitly (except on streams we already rejected or
   reset): the edge calls ``acknowledge_received_data`` once it has written them onwards.
+* DATA frames we send are framed here, not by ``h2`` (the bulk path: no per-frame objects,
+  no copies of the payload; ``data_to_send_vec`` hands out the payload's own memory), but
+  always through h2's state: the stream must be open for sending, the frame fits the
+  windows and the peer's MAX_FRAME_SIZE, and h2's window counters are charged exactly as its
+  own ``send_data`` would. Output order is preserved (h2's pending bytes go out first).
 * A malformed request (RFC 9113 §8.1.1) is reset with PROTOCOL_ERROR on that stream only; a
   well-formed request we refuse gets a status (400 bad method or authority, 503 illegal port,
   as ztunnel does), so one bad stream never takes down a pooled connection.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import struct
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,6 +42,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import hyperframe.frame
 
 __all__ = [
@@ -91,6 +98,13 @@ ILLEGAL_PORTS: Final = frozenset({15001, 15006, 15008, 15080})
 _DEFAULT_WINDOW: Final = 65_535
 _ALLOWED_STATUSES: Final = frozenset({200, 400, 401, 403, 404, 500, 502, 503, 504})
 _KNOWN_REQUEST_PSEUDO: Final = frozenset({b":method", b":authority", b":scheme", b":path"})
+# 24-bit length (as 16 + 8 bits), type 0 (DATA), flags 0, stream id.
+_DATA_HEADER: Final = struct.Struct(">HBBBL")
+# Payload bytes copied into the frame header's write so that no TLS record is header-only.
+_HEADER_COALESCE: Final = 16 * 1024 - 9
+_SENDABLE_STATES: Final = frozenset({
+    h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE,
+})
 
 
 class HboneError(Exception):
@@ -387,6 +401,7 @@ class _HboneConnection:
         self._ping_sent_at: float | None = None
         self._ping_payload = b""
         self._initiated = False
+        self._out: list[bytes | memoryview] = []  # frames framed here, in order with h2's
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -419,7 +434,21 @@ class _HboneConnection:
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the transport now (may be empty)."""
-        return self._h2.data_to_send()
+        vec = self.data_to_send_vec()
+        if len(vec) == 1 and isinstance(vec[0], bytes):
+            return vec[0]
+        return b"".join(vec)
+
+    def data_to_send_vec(self) -> list[bytes | memoryview]:
+        """Like ``data_to_send`` but as buffers to write in order (``writelines``): DATA
+        payloads are not copied. The buffers must not be modified by the caller."""
+        pending = self._h2.data_to_send()
+        if not self._out:
+            return [pending] if pending else []
+        out, self._out = self._out, []
+        if pending:
+            out.append(pending)
+        return out
 
     @property
     def closed(self) -> bool:
@@ -495,7 +524,10 @@ class _HboneConnection:
             box = self._outboxes[stream_id] = _Outbox()
         elif box.eof:
             raise StreamGone(f"stream {stream_id}: send_data after end_stream")
-        box.chunks.append(memoryview(data).cast("B"))
+        view = memoryview(data).cast("B")
+        if not view.readonly:  # we keep a view until it is written: never of mutable memory
+            view = memoryview(bytes(view))
+        box.chunks.append(view)
         box.size += len(data)
         if box.size == len(data):
             self._flush(stream_id, box)
@@ -539,24 +571,41 @@ class _HboneConnection:
     def _flush(self, stream_id: int, box: _Outbox) -> bool:
         """Send as much of ``box`` as windows allow; True when it emptied."""
         h2c = self._h2
-        try:
-            window = h2c.local_flow_control_window(stream_id)
-        except h2.exceptions.ProtocolError:
+        stream = h2c.streams.get(stream_id)
+        if (stream is None or self._closed
+                or stream.state_machine.state not in _SENDABLE_STATES):
+            # Closed meanwhile (e.g. a WINDOW_UPDATE and the peer's RST_STREAM arrived in one
+            # read, and h2 processed the reset before we saw the window event).
             self._outboxes.pop(stream_id, None)
             return False
+        window = min(h2c.outbound_flow_control_window, stream.outbound_flow_control_window)
         max_frame = h2c.max_outbound_frame_size
         chunks = box.chunks
+        out = self._out
+        pending = h2c.data_to_send()  # h2's frames queued so far go out before ours
+        if pending:
+            out.append(pending)
+        sent = 0
         while chunks and window > 0:
             chunk = chunks[0]
             n = min(len(chunk), window, max_frame)
             if n == len(chunk):
                 chunks.popleft()
-                h2c.send_data(stream_id, chunk)
             else:
-                h2c.send_data(stream_id, chunk[:n])
                 chunks[0] = chunk[n:]
+                chunk = chunk[:n]
+            header = _DATA_HEADER.pack(n >> 8, n & 0xFF, 0, 0, stream_id)
+            if n <= _HEADER_COALESCE:
+                out.append(header + chunk)
+            else:
+                out.append(header + chunk[:_HEADER_COALESCE])
+                out.append(chunk[_HEADER_COALESCE:])
             box.size -= n
             window -= n
+            sent += n
+        # Charge h2's windows as its own send_data would (DATA does not change stream state).
+        h2c.outbound_flow_control_window -= sent
+        stream.outbound_flow_control_window -= sent
         if chunks:
             return False
         del self._outboxes[stream_id]

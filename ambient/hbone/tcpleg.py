@@ -15,19 +15,26 @@ Invariants:
   both directions ended, or at the first error, when both sides are aborted.
 * Byte counts are exact as bytes flow, so a relay cut short still reports what it carried.
 * Bytes the StreamReader had already buffered before the takeover are relayed first.
+
+``AMBIENT_FAST_RELAY=0`` selects the previous task-per-direction copy loops instead (kept for
+A/B measurements, see perf/README.md "Profile and optimisations").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from typing import Any, cast
 
-from .aio import HboneStream, RelayResult, StreamResetError
+from .aio import HboneStream, RelayResult, StreamResetError, relay
 from .protocol import ErrorCode
 
 __all__ = ["HIGH_WATER", "splice_hbone", "splice_tcp", "take_over"]
 
 HIGH_WATER = 1024 * 1024  # TCP write buffer above which the source is paused
+READ_SIZE = 256 * 1024  # read size of the fallback copy loops
+FAST_RELAY = os.environ.get("AMBIENT_FAST_RELAY", "1") != "0"
 
 
 def take_over(
@@ -133,7 +140,7 @@ class _HboneRelay(_Relay):
         self.leg = _Leg(self, 0)
         self.tcp: asyncio.Transport | None = None
         self.tcp_eof = False  # TCP -> stream direction finished
-        self.stream_eof = False  # stream -> TCP direction finished
+        self.down_done = False  # stream -> TCP direction finished
         self.source_paused = False
 
     # TCP -> stream
@@ -174,7 +181,7 @@ class _HboneRelay(_Relay):
         self.stream.release_acks()
 
     def stream_eof(self) -> None:
-        self.stream_eof = True
+        self.down_done = True
         tcp = self.tcp
         if tcp is not None and not tcp.is_closing() and tcp.can_write_eof():
             tcp.write_eof()
@@ -187,7 +194,7 @@ class _HboneRelay(_Relay):
     def on_lost(self, side: int, exc: Exception | None) -> None:
         if exc is not None:
             self.fail(exc)
-        elif not (self.tcp_eof and self.stream_eof):
+        elif not (self.tcp_eof and self.down_done):
             self.fail(ConnectionResetError("the TCP connection closed before the relay ended"))
 
     def abort(self) -> None:
@@ -196,7 +203,7 @@ class _HboneRelay(_Relay):
             self.tcp.abort()
 
     def _check_done(self) -> None:
-        if self.tcp_eof and self.stream_eof:
+        if self.tcp_eof and self.down_done:
             self.finish()
 
 
@@ -208,21 +215,23 @@ async def splice_hbone(
     Same contract as ``aio.relay``: half-close propagates, an error aborts both sides, the
     stream is closed and the TCP transport closed at the end; returns the byte counts.
     """
+    if not FAST_RELAY:
+        return await relay(stream, reader, writer)
     result = RelayResult()
-    relay = _HboneRelay(stream, result)
-    tcp, pending, eof = take_over(reader, writer, relay.leg)
-    relay.tcp = tcp
-    relay.leg.transport = tcp
+    r = _HboneRelay(stream, result)
+    tcp, pending, eof = take_over(reader, writer, r.leg)
+    r.tcp = tcp
+    r.leg.transport = tcp
     try:
         if pending:
-            relay.on_data(0, pending)
+            r.on_data(0, pending)
         if eof:
-            relay.on_eof(0)
-        stream.attach(relay)
-        await relay.wait()
+            r.on_eof(0)
+        stream.attach(r)
+        await r.wait()
     finally:
-        result.error = relay.error
-        if relay.error is None:
+        result.error = r.error
+        if r.error is None:
             stream.close()
         else:
             stream.abort(ErrorCode.CANCEL)  # idempotent; fail() already reset it
@@ -292,6 +301,8 @@ async def splice_tcp(
 
     Returns (bytes a->b, bytes b->a, first error). Both transports are closed at the end.
     """
+    if not FAST_RELAY:
+        return await _copy_streams(a, b)
     relay = _TcpRelay()
     taken = [take_over(r, w, relay.legs[i]) for i, (r, w) in enumerate((a, b))]
     for i, (t, _, _) in enumerate(taken):
@@ -309,3 +320,49 @@ async def splice_tcp(
             if not t.is_closing():
                 t.close()
     return relay.copied[0], relay.copied[1], relay.error
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                counts: list[int], side: int) -> None:
+    while True:
+        data = await reader.read(READ_SIZE)
+        if not data:
+            break
+        writer.write(data)
+        counts[side] += len(data)
+        if writer.transport.get_write_buffer_size() > READ_SIZE:
+            await writer.drain()
+    await writer.drain()
+    if writer.can_write_eof() and not writer.is_closing():
+        writer.write_eof()
+
+
+async def _copy_streams(
+    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+) -> tuple[int, int, BaseException | None]:
+    """The previous implementation (a task per direction over the streams), for A/B runs."""
+    counts = [0, 0]
+    error: BaseException | None = None
+    tasks = [asyncio.ensure_future(_pipe(a[0], b[1], counts, 0)),
+             asyncio.ensure_future(_pipe(b[0], a[1], counts, 1))]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if t.exception() is not None:
+                error = t.exception()
+                for _, w in (a, b):
+                    w.transport.abort()
+                break
+        else:
+            await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _, w in (a, b):
+            w.close()
+        for _, w in (a, b):
+            with contextlib.suppress(Exception):
+                await w.wait_closed()
+    return counts[0], counts[1], error

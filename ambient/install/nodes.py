@@ -218,3 +218,65 @@ def cni_daemonset(v: Values) -> Obj:
             },
         },
     }
+
+
+CLEANUP = "ambient-node-cleanup"
+
+
+def cni_cleanup_daemonset(cni_ds: Obj) -> Obj:
+    """Run by ``ambientctl uninstall`` after the agent is gone: on every node, remove our
+    CNI chaining and plugin, then every pod capture the agent's checkpoint records.  The
+    work is an init container; the pod turns Ready only once it succeeded (that is what
+    uninstall waits for), then uninstall deletes this DaemonSet too.
+
+    ``cni_ds`` is the CNI DaemonSet as installed (live or rendered): the clean-up uses its
+    image, settings and host mounts, so it undoes what that installation did."""
+    spec = cni_ds["spec"]["template"]["spec"]
+    agent = next(c for c in spec["containers"] if c["name"] == "cni-agent")
+    init = next(c for c in spec.get("initContainers", []) if c["name"] == "install-cni")
+    image, pull = agent["image"], agent.get("imagePullPolicy", "IfNotPresent")
+    cleanup = {
+        "name": "cleanup",
+        "image": image,
+        "imagePullPolicy": pull,
+        "command": ["sh", "-c",
+                    "python -m ambient.install.hostplugin uninstall --conf-dir "
+                    "/host/etc/cni/net.d --bin-dir /host/opt/cni/bin && "
+                    "python -m cni.agent_main uninstall"],
+        "envFrom": agent["envFrom"],
+        "resources": agent["resources"],
+        "securityContext": agent["securityContext"],
+        "volumeMounts": init["volumeMounts"] + agent["volumeMounts"],
+    }
+    done = {
+        "name": "done",
+        "image": image,
+        "imagePullPolicy": pull,
+        "command": ["python", "-c", "import signal; signal.pause()"],
+        "resources": {"requests": {"cpu": "1m", "memory": "16Mi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "privileged": False,
+                            "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                            "runAsUser": 1337, "capabilities": {"drop": ["ALL"]}},
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": meta(CLEANUP, CLEANUP, cni_ds["metadata"]["namespace"]),
+        "spec": {
+            "selector": {"matchLabels": {"app": CLEANUP}},
+            "template": {
+                "metadata": {"labels": pod_labels(CLEANUP)},
+                "spec": {
+                    "serviceAccountName": CNI,
+                    "automountServiceAccountToken": False,
+                    "hostNetwork": True, "hostPID": True,
+                    "priorityClassName": "system-node-critical",
+                    "nodeSelector": {"kubernetes.io/os": "linux"},
+                    "tolerations": _tolerate_all(),
+                    "terminationGracePeriodSeconds": 1,
+                    "initContainers": [cleanup],
+                    "containers": [done],
+                    "volumes": spec["volumes"],
+                },
+            },
+        },
+    }

@@ -35,6 +35,7 @@ from ambient.install.values import Values
 __all__ = ["render", "render_parts", "to_yaml", "rbac_rules"]
 
 WAYPOINT_CLASS = "istio-waypoint"
+WAYPOINT_ROLE = "ambient-waypoint"
 WAYPOINT_CONTROLLER = "istio.io/mesh-controller"
 
 
@@ -42,17 +43,25 @@ def _rule(groups: list[str], resources: list[str], verbs: list[str]) -> Obj:
     return {"apiGroups": groups, "resources": resources, "verbs": verbs}
 
 
+def watch_rules() -> list[Obj]:
+    """list/watch on every kind the object source reads (``controlplane.objects.KINDS``,
+    resolved through ``controlplane.k8s_source.KIND_APIS``), one rule per API group."""
+    from controlplane.k8s_source import KIND_APIS
+    from controlplane.objects import KINDS
+
+    groups: dict[str, list[str]] = {}
+    for kind in KINDS:
+        api = KIND_APIS.get(kind)
+        if api is not None:
+            groups.setdefault(api.api_version.rpartition("/")[0], []).append(api.plural)
+    return [_rule([g], plurals, ["list", "watch"]) for g, plurals in groups.items()]
+
+
 def rbac_rules() -> dict[str, list[Obj]]:
     """Cluster-wide rules per component (ztunnel has none)."""
-    watch = ["list", "watch"]
     return {
         CONTROLPLANE: [
-            # the object source (controlplane/k8s_source.py KIND_APIS) lists and watches:
-            _rule([""], ["namespaces", "pods", "services", "serviceaccounts"], watch),
-            _rule(["discovery.k8s.io"], ["endpointslices"], watch),
-            _rule(["security.istio.io"], ["authorizationpolicies", "peerauthentications"],
-                  watch),
-            _rule(["gateway.networking.k8s.io"], ["gateways", "httproutes"], watch),
+            *watch_rules(),  # the object source (controlplane/k8s_source.py)
             # callers of xDS and the CA prove their ServiceAccount by TokenReview:
             _rule(["authentication.k8s.io"], ["tokenreviews"], ["create"]),
             # the mesh root is published as ConfigMap istio-ca-root-cert in every namespace:
@@ -64,6 +73,9 @@ def rbac_rules() -> dict[str, list[Obj]]:
             _rule([""], ["namespaces"], ["get", "list", "watch"]),
             _rule([""], ["nodes"], ["get"]),
         ],
+        # waypoints watch the same objects (routes, L7 policies); bound per waypoint by
+        # ambient.install.waypoint
+        WAYPOINT_ROLE: watch_rules(),
     }
 
 
@@ -77,6 +89,8 @@ def _rbac(ns: str) -> list[Obj]:
     for name, rules in rbac_rules().items():
         roles.append({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
                       "metadata": meta(name, name), "rules": rules})
+        if name == WAYPOINT_ROLE:
+            continue  # bound to each waypoint's ServiceAccount by its template
         bindings.append({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
             "metadata": meta(name, name),

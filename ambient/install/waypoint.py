@@ -1,7 +1,7 @@
 """The waypoint template: what runs for one ``Gateway`` of class ``istio-waypoint``.
 
 Pure: ``render_waypoint(name, namespace, values)`` returns the Gateway itself plus the
-ServiceAccount, Deployment and Service that istiod's gateway controller would create for it
+ServiceAccount (and its ClusterRoleBinding), Deployment and Service that istiod's gateway controller would create for it
 (ambient has no gateway controller: ``ambientctl waypoint apply`` or ``kubectl apply`` of
 this output creates them).
 
@@ -36,7 +36,8 @@ WAYPOINT_FOR = ("service", "workload", "all", "none")
 
 def render_waypoint(name: str = "waypoint", namespace: str = "default",
                     values: Values | None = None, waypoint_for: str = "service") -> list[Obj]:
-    """Gateway, ServiceAccount, Deployment and Service of one waypoint."""
+    """Gateway, ServiceAccount, its ClusterRoleBinding (to ClusterRole ambient-waypoint:
+    list/watch of the mesh objects), Deployment and Service of one waypoint."""
     v = values or Values()
     if waypoint_for not in WAYPOINT_FOR:
         raise ValueError(f"waypoint-for {waypoint_for!r}: choose one of "
@@ -84,7 +85,6 @@ def render_waypoint(name: str = "waypoint", namespace: str = "default",
                                              "prometheus.io/path": "/stats/prometheus"}},
                 "spec": {
                     "serviceAccountName": name,
-                    "automountServiceAccountToken": False,
                     "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
                     "terminationGracePeriodSeconds": 30,
                     "containers": [container],
@@ -104,4 +104,12 @@ def render_waypoint(name: str = "waypoint", namespace: str = "default",
                        "protocol": "TCP"}],
         },
     }
-    return [gateway, sa, deployment, service]
+    # the waypoint watches routes and L7 policies cluster-wide (waypoint/main.py)
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": meta(f"ambient-waypoint-{namespace}-{name}", component),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "ambient-waypoint"},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+    }
+    return [gateway, sa, binding, deployment, service]

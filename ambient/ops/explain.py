@@ -122,10 +122,11 @@ def resolve(state: MeshState, src: str, dst: str, *, plaintext: bool = False) ->
 
     svc = _find_service(state, host)
     dst_wl = _find_workload(state, host)
-    if dst_wl is not None and (svc is None or "/" in host and svc.name != host.split("/")[1]):
-        return [case(dst_wl, port)]
+    # NS/NAME may name both a service and a pod: the service wins when it has the port.
     if svc is not None:
         eps = state.endpoints(svc, port)
+        if not eps and dst_wl is not None:
+            return [case(dst_wl, port)]
         if not eps:
             ports = ", ".join(str(p) for p in sorted(svc.ports)) or "none"
             raise ExplainError(f"service {svc.namespace}/{svc.name} has no endpoint on port "

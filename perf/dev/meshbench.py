@@ -15,6 +15,11 @@ ztunnels), ``ambient-same-node`` (client and server on one node).  ``--profile D
 py-spy flame graph (``DIR/<mode>-<figure>-<node>.svg``) and a ``--format raw`` collapsed stack
 file of each ztunnel while a figure runs.
 
+A/B runs: ``--variant NAME:KEY=VALUE,...`` (repeatable) restarts both ztunnels with that
+environment before each round's measurements, rounds interleave the variants, and the
+summary gives each variant's median per figure, so a change is judged against its baseline
+in the same run on this noisy shared machine.
+
 Invariants: every step has a time bound; the mesh (namespaces, cgroups, processes) is torn
 down in ``finally``; traffic stays inside the cluster's own namespaces.
 
@@ -29,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -235,6 +241,11 @@ class Bench:
         return res
 
 
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, kvs = text.partition(":")
+    return name, dict(kv.split("=", 1) for kv in kvs.split(",") if kv)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -244,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capture", default="iptables")
     ap.add_argument("--profile", type=Path, default=None, help="directory for py-spy output")
     ap.add_argument("--env", action="append", default=[], help="ztunnel env KEY=VALUE")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:KEY=VALUE,... ztunnel environment of an A/B variant")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -257,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(kv.split("=", 1) for kv in args.env)
     name = f"mb{os.getpid() % 100000}"
     mesh = LocalMesh(manifests, name=name, run_root=work, capture=args.capture, ztunnel_env=env)
+    variants = [parse_variant(v) for v in args.variant] or [("", {})]
     results: dict[str, list[dict[str, Any]]] = {}
     try:
         mesh.up(progress=lambda s: print(s, file=sys.stderr))
@@ -264,15 +278,25 @@ def main(argv: list[str] | None = None) -> int:
         bench.start_servers()
         figures = args.figures.split(",")
         for _ in range(max(1, min(args.repeat, 10))):
-            for mode in args.modes.split(","):
-                r = bench.mode(mode, figures)
-                print(mode, r, file=sys.stderr)
-                results.setdefault(mode, []).append(r)
+            for vname, venv in variants:
+                if vname:
+                    mesh.ztunnel_env = {**env, **venv}
+                    for node in list(mesh.ztunnels):
+                        mesh.restart_ztunnel(node)
+                    time.sleep(1.0)  # let the new ztunnels take over the pods' listeners
+                for mode in args.modes.split(","):
+                    key = f"{vname}/{mode}" if vname else mode
+                    r = bench.mode(mode, figures)
+                    print(key, r, file=sys.stderr)
+                    results.setdefault(key, []).append(r)
     finally:
         with contextlib.suppress(Exception):
             mesh.down()
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps({"env": env, "seconds": args.seconds, "results": results}, indent=1)
+    summary = {key: {f: statistics.median(r[f] for r in rs) for f in rs[0]}
+               for key, rs in results.items()}
+    text = json.dumps({"env": env, "variants": dict(variants), "seconds": args.seconds,
+                       "median": summary, "results": results}, indent=1)
     print(text)
     if args.out is not None:
         args.out.write_text(text)

@@ -71,7 +71,8 @@ def test_config_dump_lists_workloads_policies_and_certificates(mesh: LocalMesh) 
     assert any(p["name"] == "db-allow-backend" for p in dump["policies"])
     ids = {c["identity"] for c in dump["certificates"]}
     assert "spiffe://cluster.local/ns/shop/sa/backend" in ids
-    assert {s["info"]["name"] for s in dump["workloadState"].values()} == {"backend-1", "db"}
+    assert {s["info"]["name"] for s in dump["workloadState"].values()} == {
+        "backend-1", "db", "reviews-v2"}
 
 
 def test_access_log_has_one_line_per_connection(mesh: LocalMesh) -> None:
@@ -107,7 +108,7 @@ def test_bad_config_entry_is_rejected_and_last_good_stays(mesh: LocalMesh) -> No
     original = path.read_text()
     docs = list(yaml.safe_load_all(original))
     for d in docs:  # break the db policy with an invalid port
-        if d.get("kind") == "AuthorizationPolicy":
+        if d.get("kind") == "AuthorizationPolicy" and d["metadata"]["name"] == "db-allow-backend":
             d["spec"]["rules"][0]["to"][0]["operation"]["ports"] = ["not-a-port"]
     try:
         path.write_text(yaml.safe_dump_all(docs))
@@ -148,14 +149,50 @@ def test_agent_restart_keeps_capture_and_resyncs_ztunnel(mesh: LocalMesh) -> Non
     assert demo.strict_refuses_plaintext(mesh).passed  # and capture is still in place
     mesh.start_agent("node-a")
     log = mesh.agent_log_path("node-a")
-    # every pod sandbox of node-a: frontend, backend-2 (captured) and legacy/client (not)
-    assert _wait_for(lambda: "restored 3 pods" in log.read_text()), log.read_text()[-2000:]
+    # every pod sandbox of node-a: frontend, backend-2, reviews-v1 (captured) and
+    # legacy/client (not)
+    assert _wait_for(lambda: "restored 4 pods" in log.read_text()), log.read_text()[-2000:]
     assert _wait_for(lambda: log.read_text().count("snapshot delivered") >= 2)
     mesh.refresh_enrolled()
     assert {"shop/frontend", "shop/backend-2"} <= mesh.enrolled
     assert demo.probe(mesh, "shop/frontend", backend_ip, 8080).ok
     states = mesh.config_dump("node-a")["workloadState"].values()
-    assert {s["info"]["name"] for s in states} == {"frontend", "backend-2"}
+    assert {s["info"]["name"] for s in states} == {"frontend", "backend-2", "reviews-v1"}
+
+
+def test_unready_waypoint_fails_closed_then_recovers(mesh: LocalMesh) -> None:
+    """The waypoint pod turns unready (Ready=False in the cluster's objects): the control
+    plane publishes it UNHEALTHY and ztunnel refuses traffic that needs it (never sends it
+    around the waypoint); Ready again, traffic flows.  (The demo scenario stops the waypoint's
+    process instead.)"""
+    fe = mesh.pods["shop/frontend"]
+    path = mesh.run_dir / "manifests.yaml"
+    original = path.read_text()
+    docs = list(yaml.safe_load_all(original))
+    for d in docs:
+        if d.get("kind") == "Pod" and d["metadata"]["name"] == "waypoint":
+            d["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    labels = {"reporter": "source", "destination_service": demo.REVIEWS_HOST,
+              "response_flags": "CONNECT"}
+
+    def refused() -> float:
+        return demo.metric_value(mesh.metrics(fe.node), "istio_tcp_connections_closed_total",
+                                 **labels)
+
+    before = refused()
+    try:
+        path.write_text(yaml.safe_dump_all(docs))
+        assert _wait_for(lambda: any(
+            w["name"] == "waypoint" and w["status"] == "Unhealthy"
+            for w in mesh.config_dump(fe.node)["workloads"]), timeout=20)
+        r = demo.http(mesh, "shop/frontend", demo.REVIEWS_VIP, 80, "/api/reviews", timeout=3)[0]
+        assert r.status == 0, r  # refused, not answered around the waypoint
+        assert _wait_for(lambda: refused() > before)
+        assert "has no ready proxy" in mesh.log_path(fe.node).read_text()
+    finally:
+        path.write_text(original + "\n")
+    assert _wait_for(lambda: demo.http(mesh, "shop/frontend", demo.REVIEWS_VIP, 80,
+                                       "/api/reviews")[0].status == 200, timeout=20)
 
 
 def test_sigterm_drains_and_captured_traffic_then_fails_closed(mesh: LocalMesh) -> None:

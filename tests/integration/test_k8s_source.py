@@ -82,6 +82,17 @@ SEED: list[dict[str, Any]] = [
     {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
      "metadata": {"name": "web", "namespace": "default"},
      "spec": {"parentRefs": [{"name": "web", "kind": "Service", "group": ""}]}},
+    {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+     "metadata": {"name": "web-grpc", "namespace": "default"},
+     "spec": {"parentRefs": [{"name": "web", "kind": "Service", "group": ""}]}},
+    {"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+     "metadata": {"name": "from-shop", "namespace": "default"},
+     "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                        "namespace": "shop"}], "to": [{"group": "", "kind": "Service"}]}},
+    {"apiVersion": "ambient.io/v1alpha1", "kind": "HTTPTrafficPolicy",
+     "metadata": {"name": "web-faults", "namespace": "default"},
+     "spec": {"targetRefs": [{"kind": "HTTPRoute", "name": "web"}],
+              "fault": {"abort": {"httpStatus": 503, "percentage": 1}}}},
     *[pod(f"web-{i}", app="web") for i in range(5)],
 ]
 

@@ -109,3 +109,28 @@ def test_waypoint_own_pods_and_managed_service_get_no_waypoint():
     own_svc = svc({"gateway.istio.io/managed": "istio.io-mesh-controller"})
     w, s, _ = run([ns(**{UWP: "wp"}), own_pod, own_svc, gw(waypoint_for="all")])
     assert w.waypoint is None and s.waypoint is None
+
+
+def test_local_mesh_waypoint_objects_bind_the_service_and_never_themselves():
+    """What the local mesh writes for a waypoint Gateway (Pod, Service, ServiceAccount; no
+    Gateway status) binds a labelled Service; with the whole namespace using the waypoint,
+    the waypoint's own pod and Service still get none (no loop), and its pod is not captured."""
+    from ambient.cluster.mesh import allocate_service_vip, waypoint_manifests
+
+    g = gw("waypoint", status=False)
+    wp_pod, wp_svc, wp_sa = waypoint_manifests(g, "node-b", allocate_service_vip([svc()]))
+    wp_pod["status"] = {"podIP": "10.0.0.9", "conditions": [{"type": "Ready", "status": "True"}]}
+    assert wp_svc["spec"]["clusterIP"] == "10.96.100.1"
+    objs = [ns(**{"istio.io/dataplane-mode": "ambient", UWP: "waypoint"}), g, wp_pod, wp_svc,
+            wp_sa, svc({UWP: "waypoint"}), pod()]
+    r = translate_manifests(objs)
+    assert r.errors == [], r.errors
+    m = {k: from_proto(v) for k, v in r.resources}
+    want = host("waypoint")
+    assert m["shop/s.shop.svc.cluster.local"].waypoint.destination == want
+    own_pod = m["Kubernetes//Pod/shop/waypoint"]
+    assert own_pod.waypoint is None and own_pod.tunnel_protocol == "NONE"
+    assert own_pod.service_account == "waypoint"
+    own_svc = m["shop/waypoint.shop.svc.cluster.local"]
+    assert own_svc.waypoint is None and dict(own_svc.ports) == {15008: 15008}
+    assert own_pod.services["shop/waypoint.shop.svc.cluster.local"] == {15008: 15008}

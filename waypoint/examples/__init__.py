@@ -1,0 +1,1 @@
+"""Example extensions for the waypoint (request filters); see ``waypoint/filters.py``."""
