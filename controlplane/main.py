@@ -73,6 +73,7 @@ class Options:
     node_token_dir: Path | None = None  # local mode: mint a ztunnel token per node here
     kubernetes: bool = False  # watch the Kubernetes API instead of ``manifests``
     trusted_node_accounts: str = "istio-system/ztunnel"
+    root_namespace: str = "istio-system"  # mesh-wide policies live here (istiod's)
 
 
 def make_sink(pipeline: PipelineLike, cache: SnapshotCache,
@@ -226,7 +227,8 @@ async def run(
         from controlplane.pipeline import Pipeline
 
         pipeline = Pipeline(TranslateSettings(cluster_id=opts.cluster_id,
-                                              trust_domain=opts.trust_domain))
+                                              trust_domain=opts.trust_domain,
+                                              root_namespace=opts.root_namespace))
     if opts.kubernetes and api is None:
         from cni.agent_main import kube_client
 
@@ -338,6 +340,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kubernetes", action="store_true",
                    help="watch the Kubernetes API (in-cluster or KUBECONFIG) instead of "
                         "--manifests; callers authenticate with ServiceAccount tokens")
+    p.add_argument("--root-namespace", default="istio-system",
+                   help="the namespace whose policies apply mesh-wide (default: %(default)s)")
     p.add_argument("--trusted-node-accounts", default="istio-system/ztunnel",
                    help="namespace/serviceaccount of node proxies allowed to impersonate")
     p.add_argument("--log-level", default="info")
@@ -361,6 +365,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         node_token_dir=args.node_token_dir,
         kubernetes=args.kubernetes,
         trusted_node_accounts=args.trusted_node_accounts,
+        root_namespace=args.root_namespace,
     )
     try:
         import uvloop

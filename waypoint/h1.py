@@ -23,6 +23,7 @@ import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import h11
 
@@ -63,6 +64,14 @@ def _decode(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
 
 def _encode(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+def _reason(status: int) -> bytes:
+    # Some clients (h2load, older http-parser users) only see a status with a reason phrase.
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
 
 
 async def _w(stream: ByteStream, data: bytes | None) -> None:
@@ -144,7 +153,7 @@ async def serve_h1(
 async def _send_error(stream: ByteStream, conn: h11.Connection, status: int, text: str) -> None:
     body = (text + "\n").encode()
     try:
-        data = conn.send(h11.Response(status_code=status, headers=[
+        data = conn.send(h11.Response(status_code=status, reason=_reason(status), headers=[
             ("content-type", "text/plain"), ("content-length", str(len(body))),
             ("connection", "close")])) or b""
         data += conn.send(h11.Data(data=body)) or b""
@@ -225,7 +234,8 @@ async def _write_response(
     chunked = get_header(headers, "content-length") is None
     if req.method == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:
         chunked = False
-    await _w(stream, conn.send(h11.Response(status_code=resp.status, headers=_encode(headers))))
+    await _w(stream, conn.send(h11.Response(status_code=resp.status, headers=_encode(headers),
+                                            reason=_reason(resp.status))))
     sent = 0
     while data := await resp.body.read():
         if req.method == "HEAD":

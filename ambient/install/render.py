@@ -123,7 +123,7 @@ def _controlplane_deployment(v: Values) -> Obj:
             "--xds-plain", "0.0.0.0:15010", "--xds-tls", "0.0.0.0:15012",
             "--ca-dir", "/etc/cacerts", "--trust-domain", v.trust_domain,
             "--cluster-id", v.cluster_id, "--trusted-node-accounts", f"{ns}/{ZTUNNEL}",
-            "--log-level", v.log_level]
+            "--root-namespace", ns, "--log-level", v.log_level]
     container = {
         "name": "discovery",
         "image": v.image,

@@ -1,9 +1,9 @@
 """The waypoint template: what runs for one ``Gateway`` of class ``istio-waypoint``.
 
 Pure: ``render_waypoint(name, namespace, values)`` returns the Gateway itself plus the
-ServiceAccount (and its ClusterRoleBinding), Deployment and Service that istiod's gateway controller would create for it
-(ambient has no gateway controller: ``ambientctl waypoint apply`` or ``kubectl apply`` of
-this output creates them).
+ServiceAccount (and its ClusterRoleBinding), Deployment and Service that istiod's gateway
+controller would create for it (ambient has no gateway controller: ``ambientctl waypoint
+apply`` or ``kubectl apply`` of this output creates them).
 
 Invariants (what the control plane's translation relies on, ``ambient/config``):
 - The Service has the Gateway's name, port 15008 (``mesh``), and the label

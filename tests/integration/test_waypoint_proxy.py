@@ -273,8 +273,9 @@ def test_h2_protocol_error_gets_goaway() -> None:
         async with world() as w:
             s = await w.tunnel(VIP)
             # Preface, then a DATA frame on stream 0 (a connection error).
-            await s.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-                          + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+            settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+            data_on_stream_0 = b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x"
+            await s.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + data_on_stream_0)
             client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
             client.initiate_connection()
             events = []
@@ -373,3 +374,90 @@ def test_idle_downstream_does_not_block_others(caplog: pytest.LogCaptureFixture)
 
     caplog.set_level(logging.WARNING)
     run(main())
+
+
+async def _forwarder(w, authority: str) -> asyncio.Server:
+    """A local TCP -> HBONE forwarder (what a source ztunnel does), for real HTTP clients."""
+    from ambient.hbone.aio import relay
+
+    async def handle(r: asyncio.StreamReader, wr: asyncio.StreamWriter) -> None:
+        stream = await w.tunnel(authority)
+        await relay(stream, r, wr)
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def _run(*argv: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+@pytest.mark.skipif(not __import__("shutil").which("nghttp"),
+                    reason="nghttp2-client is not installed (scripts/bootstrap.sh installs it)")
+def test_nghttp_and_h2load_through_the_waypoint() -> None:
+    async def main() -> None:
+        async with world() as w:
+            fwd = await _forwarder(w, VIP)
+            port = fwd.sockets[0].getsockname()[1]
+            try:
+                rc, out = await _run("nghttp", "-n", "-s", f"http://127.0.0.1:{port}/split")
+                assert rc == 0, out
+                rc, out = await _run("nghttp", f"http://127.0.0.1:{port}/admin")
+                assert rc == 0 and "RBAC: access denied" in out, out
+                rc, out = await _run("h2load", "-n", "60", "-c", "2", "-m", "4",
+                                     f"http://127.0.0.1:{port}/split")
+                assert rc == 0 and "60 succeeded" in out and "60 2xx" in out, out
+                rc, out = await _run("h2load", "--h1", "-n", "20", "-c", "2",
+                                     f"http://127.0.0.1:{port}/split")
+                assert rc == 0 and "20 succeeded" in out and "20 2xx" in out, out
+            finally:
+                fwd.close()
+            v2 = w.hits["reviews-v2"].by_path.get("/split", 0)
+            v1 = w.hits["reviews-v1"].by_path.get("/split", 0)
+            assert v1 + v2 >= 81 and v1 > v2
+
+    run(main())
+
+
+@pytest.mark.parametrize(("prefix", "want"), [
+    (b"", None), (b"PRI * HTTP/2", None), (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "h2"),
+    (b"GET / HTTP/1.1\r\n", "http/1.1"), (b"P", None), (b"POST /", "http/1.1"),
+    (b"PRI * HTTP/1.1", "http/1.1"),
+])
+def test_sniff_protocol_table(prefix: bytes, want: str | None) -> None:
+    from waypoint.proxy import sniff_protocol
+
+    assert sniff_protocol(prefix) == want
+
+
+@pytest.mark.parametrize(("header", "want"), [
+    ('for="10.0.0.1:4444"', ("10.0.0.1", 4444)),
+    ('for="[fd00::1]:80"', ("fd00::1", 80)),
+    ("for=10.0.0.2", ("10.0.0.2", 0)),
+    ('for="unknown"', None), (None, None), ("", None),
+    ('for="10.0.0.3:1";host=reviews.shop.svc.cluster.local', ("10.0.0.3", 1)),
+])
+def test_forwarded_for_table(header: str | None, want: tuple[str, int] | None) -> None:
+    from waypoint.proxy import parse_forwarded_for
+
+    assert parse_forwarded_for(header) == want
+
+
+@pytest.mark.parametrize(("port", "want"), [
+    ({"name": "http"}, "http"), ({"name": "http-web"}, "http"), ({"name": "http2"}, "http2"),
+    ({"name": "grpc-api"}, "grpc"), ({"name": "https"}, "tcp"), ({"name": "tcp"}, "tcp"),
+    ({}, "tcp"), ({"name": "tcp", "appProtocol": "http"}, "http"),
+    ({"name": "http", "appProtocol": "tcp"}, "tcp"),
+    ({"appProtocol": "kubernetes.io/h2c"}, "http2"), ({"name": "HTTP"}, "http"),
+])
+def test_port_protocol_table(port: dict, want: str) -> None:
+    from waypoint.state import port_protocol
+
+    assert port_protocol(port) == want
