@@ -18,6 +18,11 @@ no ``spiffe://``); a policy value written with ``spiffe://`` is also accepted. A
 connection (no identity) matches no principal, namespace or service-account entry - not even
 presence - so it fails every positive identity field and satisfies every negative one. That
 is how PeerAuthentication STRICT (DENY with ``not_principals: [presence]``) denies plaintext.
+
+``explain`` is ``evaluate`` with its reasons (for ``ambientctl policy explain``): it runs the
+same per-field predicates (``_FIELD_SPECS``) and the same decision order (``_decide``), and
+records every group, rule, match and field on the way, so an explanation can never disagree
+with the data path.
 """
 
 from __future__ import annotations

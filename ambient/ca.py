@@ -22,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -79,7 +79,7 @@ def split_pem(data: bytes | str) -> list[bytes]:
 def _load_certs(data: bytes | str, what: str) -> list[x509.Certificate]:
     try:
         return [x509.load_pem_x509_certificate(block) for block in split_pem(data)]
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise CaError(f"{what}: not a valid PEM certificate ({exc})") from exc
 
 
@@ -184,6 +184,9 @@ def _check_leaf_identity(leaf: x509.Certificate, identity: SpiffeId) -> None:
         sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise CaError(f"the CA returned a certificate with no SAN for {identity}") from None
+    except (ValueError, x509.DuplicateExtension) as exc:  # extensions parse lazily
+        raise CaError(f"the CA returned a certificate for {identity} with malformed "
+                      f"extensions ({exc})") from None
     uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
     if uris != [str(identity)]:
         raise CaError(f"the CA returned a certificate for {uris}, but {identity} was requested")
@@ -462,7 +465,7 @@ def _check_csr(
 ) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise CaError(f"CSR for {identity} is not a valid PEM certificate request ({exc})") from exc
     try:
         valid = csr.is_signature_valid
@@ -489,7 +492,7 @@ def _self_signed(cert: x509.Certificate) -> bool:
         return False
     try:
         cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
 
@@ -539,6 +542,6 @@ def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
         return True
     try:
         child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True

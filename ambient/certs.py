@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from google.protobuf import struct_pb2
 
@@ -205,7 +205,7 @@ def verify_chain(cert: WorkloadCertificate, now: datetime | None = None) -> None
     try:
         chain = [x509.load_pem_x509_certificate(p) for p in cert.chain_pem]
         roots = [x509.load_pem_x509_certificate(p) for p in split_pem(cert.roots_pem)]
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise CertificateError(f"certificate chain for {cert.identity} does not parse: {exc}") \
             from exc
     for c in chain:
@@ -228,7 +228,7 @@ def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
         return True
     try:
         child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
 

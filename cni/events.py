@@ -175,6 +175,7 @@ class FrameDecoder:
                 out.append(message_from_map(_unpack(body)))
         except FrameError as exc:
             self._broken = exc
+            self._buf = bytearray()  # a broken stream holds nothing (it may have been 10 MB)
             raise
         return out
 

@@ -160,7 +160,7 @@ def parse_stdin(stdin: bytes) -> dict[str, Any]:
     """The network config object from stdin (ERR_DECODING when it is not a JSON object)."""
     try:
         conf = json.loads(stdin.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting
         raise PluginError(ERR_DECODING, "the network config on stdin is not valid JSON",
                           str(exc)) from None
     if not isinstance(conf, dict):
@@ -422,7 +422,7 @@ def _version_info(stdin: bytes) -> bytes:
         req = json.loads(stdin or b"{}")
         if isinstance(req, dict) and req.get("cniVersion") in SUPPORTED_VERSIONS:
             version = req["cniVersion"]
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     return _dump({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)})
 

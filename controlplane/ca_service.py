@@ -256,7 +256,7 @@ def validate_csr(csr_pem: bytes, trust_domain: str) -> SpiffeId:
 
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise bad(f"the csr field is not a PEM PKCS#10 certificate request ({exc})") from exc
     try:
         valid = csr.is_signature_valid
@@ -277,6 +277,8 @@ def validate_csr(csr_pem: bytes, trust_domain: str) -> SpiffeId:
         sans = list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
     except x509.ExtensionNotFound:
         raise bad("the CSR has no subjectAltName; it must carry the SPIFFE ID as a URI") from None
+    except (ValueError, x509.DuplicateExtension) as exc:  # extensions parse lazily
+        raise bad(f"the CSR's extensions are malformed ({exc})") from None
     uris = [s.value for s in sans if isinstance(s, x509.UniformResourceIdentifier)]
     if len(sans) != 1 or len(uris) != 1:
         raise bad(f"the CSR must have exactly one SAN, the SPIFFE ID URI; it has {len(sans)} "

@@ -66,6 +66,8 @@ def parse_manifests(text: str, path: str) -> dict[str, dict[str, Any]]:
         try:
             if not isinstance(obj, dict) or not isinstance(obj.get("kind"), str):
                 raise KeyError("kind")
+            if not isinstance(obj.get("metadata") or {}, dict):
+                raise KeyError("metadata mapping")
             out[object_key(obj)] = obj
         except (KeyError, TypeError) as e:
             raise ParseError(

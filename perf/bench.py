@@ -105,6 +105,11 @@ def measure_all(bench: BenchCluster, modes: list[str], runs: int, d: measure.Dur
             for err in s.errors:
                 print(f"      FAILED {err}", flush=True)
     for m in live:
+        why = bench.carried(m)
+        if why is not None:
+            print(f"  {m}: FAILED: the mesh did not carry the traffic: {why}", flush=True)
+            results[m].runs, results[m].note = [], f"not carried by the mesh: {why}"
+            continue
         failed = [e for s in results[m].runs for e in s.errors]
         if results[m].runs and failed and len(failed) == 4 * len(results[m].runs):
             results[m].note = f"failed: {failed[0]}"

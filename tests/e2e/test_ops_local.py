@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +77,8 @@ def test_policy_explain_matches_what_the_mesh_does(
 
 
 def test_tap_streams_real_connections(mesh: LocalMesh) -> None:
+    """Both ends of two connections to db, merged from every node: the source ztunnel
+    (node-a) reports outbound, the destination (node-b) inbound with its policy decision."""
     targets = resolve_targets([], [], mesh.name, mesh.run_root, all_nodes=True)
     assert {t.label for t in targets} == {"node-a", "node-b"}
     got: list[dict[str, Any]] = []
@@ -89,7 +90,7 @@ def test_tap_streams_real_connections(mesh: LocalMesh) -> None:
 
     async def run() -> int:
         return await tap_events(targets, TapFilter(workload="shop/db", closed_only=True),
-                                got.append, count=2, duration=60, warn=lambda m: None,
+                                got.append, count=4, duration=60, warn=lambda m: None,
                                 on_subscribed=on_sub)
 
     result: list[int] = []
@@ -97,21 +98,22 @@ def test_tap_streams_real_connections(mesh: LocalMesh) -> None:
     t.start()
     assert both.wait(20), "tap did not subscribe to both ztunnels"
     denied = demo.probe(mesh, "shop/frontend", "10.96.0.20", 5432)
-    time.sleep(0.2)  # keep the two events in order for the assertions below
     allowed = demo.probe(mesh, "shop/backend-2", "10.96.0.20", 5432)
     t.join(60)
     assert not denied.ok and allowed.ok
-    assert result == [2], got
-    inbound = [e for e in got if e["direction"] == "inbound"]
-    # Only the destination (node-b) authorizes; node-a's outbound close events name db too.
-    assert len(got) == 2
-    by_src = {e["srcWorkload"]: e for e in got}
-    if inbound:
-        d = next((e for e in inbound if e["srcWorkload"] == "frontend"), None)
-        if d is not None:
-            assert d["responseFlags"] == "DENY" and d["policy"]["decision"] == "deny"
-            assert d["srcIdentity"] == "spiffe://cluster.local/ns/shop/sa/frontend"
-    assert set(by_src) <= {"frontend", "backend-2"}
+    assert result == [4], got
+    seen = {(e["node"], e["direction"], e["srcWorkload"]): e for e in got}
+    assert set(seen) == {("node-a", "outbound", "frontend"), ("node-a", "outbound", "backend-2"),
+                         ("node-b", "inbound", "frontend"), ("node-b", "inbound", "backend-2")}
+    d = seen[("node-b", "inbound", "frontend")]
+    assert d["responseFlags"] == "DENY" and d["policy"]["decision"] == "deny"
+    assert d["srcIdentity"] == "spiffe://cluster.local/ns/shop/sa/frontend"
+    a = seen[("node-b", "inbound", "backend-2")]
+    assert a["policy"] == {"decision": "allow", "policy": "shop/db-allow-backend",
+                           "reason": "allowed by policy shop/db-allow-backend"}
+    assert a["responseFlags"] == "-" and a["bytesSent"] > 0 and a["bytesRecv"] > 0
+    assert seen[("node-a", "outbound", "frontend")]["responseFlags"] == "DENY"
+    assert seen[("node-a", "outbound", "backend-2")]["policy"] is None  # authorized at node-b
 
 
 def test_tap_denied_filter_shows_the_policy(mesh: LocalMesh) -> None:

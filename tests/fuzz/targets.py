@@ -26,9 +26,9 @@ class Target:
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("hbone_server", "ambient.hbone.protocol.HboneServerProtocol.receive_data",
-           net.hbone_server, net.hbone_server_seeds, 16384),
+           net.hbone_server, net.hbone_server_seeds, 8192),
     Target("hbone_client", "ambient.hbone.protocol.HboneClientProtocol.receive_data",
-           net.hbone_client, net.hbone_client_seeds, 16384),
+           net.hbone_client, net.hbone_client_seeds, 8192),
     Target("hbone_authority", "ambient.hbone.protocol.parse_authority",
            net.hbone_authority, net.hbone_authority_seeds, 512),
     Target("zds", "ambient.zds.decode_request / decode_ack / decode_hello",

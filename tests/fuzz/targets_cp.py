@@ -163,10 +163,10 @@ def manifests_translate(data: bytes) -> None:
     inc = manifests.Translator()
     for key, o in keyed.items():
         inc.apply({key: o})
-    one = manifests.Translator()
-    one.apply(keyed, resync=True)
-    if not inc._build_errors and not one._build_errors:  # noqa: SLF001
-        assert inc.resources == one.resources, "incremental and batch translation differ"
+    # A producer that fails to build keeps its last output incrementally and has none in a
+    # batch: the two agree only when nothing failed to build.
+    if not inc._build_errors and not any("cannot translate" in e for e in batch.errors):  # noqa: SLF001
+        assert inc.resources == dict(batch.resources), "incremental and batch translation differ"
     for key in list(keyed)[: src.int(0, len(keyed))]:
         inc.apply({}, [key])
 

@@ -190,6 +190,7 @@ class _Hits:
 def _h1_handler(pod: str, hits: _Hits) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # head and body are separate writes
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -404,7 +405,7 @@ async def world(*, filters: Iterable[Any] = (), objects: list[dict[str, Any]] | 
         access_log.setLevel(old_level)
         for h in hits.values():
             h.release.set()
-        await wp.stop(deadline=1.0)
+        await wp.stop(deadline=0.2)
         for c in closers:
             c.close()
         for srv in threads:

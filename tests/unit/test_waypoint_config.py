@@ -183,3 +183,21 @@ def test_empty_objects() -> None:
     a = route(cfg, mkreq("/"))
     assert isinstance(a, RouteAction) and a.route_name == "default"
     assert authorize(cfg, mkreq("/")).allowed
+
+
+def test_refused_objects_are_listed_and_the_state_keeps_their_last_good_version() -> None:
+    from waypoint_l7_helpers import WP, WP_NS, backend, base_objects, cfg_of, httproute
+
+    from controlplane.objects import Update
+    from waypoint.state import WaypointState
+
+    good = httproute("app", "split", [{"backendRefs": [backend("web-v2", weight=1)]}])
+    bad = httproute("app", "split", [{"backendRefs": [backend("web-v2", weight=-5)]}])
+    cfg, problems = cfg_of(bad)
+    assert "HTTPRoute/app/split" in cfg.rejected, problems
+
+    st = WaypointState(WP, WP_NS)
+    st.apply(Update(upserts={**base_objects(), good[0]: good[1]}, resync=True))
+    before = st.snapshot().l7.routes
+    st.apply(Update(upserts={bad[0]: bad[1]}))
+    assert st.snapshot().l7.routes == before  # the broken edit did not replace the route
