@@ -26,7 +26,15 @@ from typing import Any
 
 from ambient.config._common import load_yaml_documents
 from ambient.config.k8s_build import build
-from ambient.config.k8s_parse import KINDS, L7_ONLY_KINDS, Settings, describe, key_of, normalise, parse
+from ambient.config.k8s_parse import (
+    KINDS,
+    L7_ONLY_KINDS,
+    Settings,
+    describe,
+    key_of,
+    normalise,
+    parse,
+)
 from ambient.config.k8s_world import World
 from ambient.model import from_proto
 
