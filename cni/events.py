@@ -100,7 +100,11 @@ def _to_map(msg: Message) -> dict[str, Any]:
 
 def encode_frame(msg: Message) -> bytes:
     """The frame carrying ``msg``; raises FrameError when it would exceed MAX_FRAME."""
-    body = msgpack.packb(_to_map(msg), use_bin_type=True)
+    try:
+        body = msgpack.packb(_to_map(msg), use_bin_type=True)
+    except (UnicodeEncodeError, ValueError, TypeError, OverflowError) as exc:
+        # e.g. a lone surrogate from a non-UTF-8 environment variable or JSON "\udcff"
+        raise FrameError(f"message cannot be encoded (text must be valid UTF-8): {exc}") from None
     if len(body) > MAX_FRAME:
         raise FrameError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
     return HEADER.pack(len(body)) + body

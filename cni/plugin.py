@@ -57,6 +57,7 @@ from cni.events import (
     Command,
     FrameError,
     PluginEvent,
+    encode_frame,
     send_event,
 )
 
@@ -330,6 +331,12 @@ def _event(cmd: Command, env: Mapping[str, str], conf: PluginConf, k8s: K8sArgs)
 
 
 def _ask_agent(send: Sender, event: PluginEvent, conf: PluginConf) -> AgentReply:
+    try:
+        encode_frame(event)
+    except FrameError as exc:  # our side's problem: do not blame the agent for it
+        raise PluginError(ERR_DECODING, "the pod's CNI parameters cannot be sent to the node agent",
+                          f"{exc}; CNI_ARGS, the CNI_* variables and prevResult must be valid "
+                          "UTF-8") from None
     try:
         return send(event)
     except AgentUnreachable as exc:

@@ -38,6 +38,14 @@ from perf.chart import draw
 from perf.topology import BenchCluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent / "README.md"
+
+
+def update_readme(doc: dict[str, Any]) -> None:
+    text = README.read_text(encoding="utf-8")
+    for name, body in report.readme_sections(doc).items():
+        text = report.replace_section(text, name, body)
+    README.write_text(text, encoding="utf-8")
 
 
 def parse_modes(text: str) -> list[str]:
@@ -142,7 +150,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop measuring after this many seconds (the build is extra)")
     ap.add_argument("--out", type=Path, default=RESULTS / "latest.json",
                     help="where to write the JSON (the PNG goes next to it)")
+    ap.add_argument("--update-readme", action="store_true",
+                    help="write the tables and targets into perf/README.md")
+    ap.add_argument("--readme-from", type=Path, metavar="JSON",
+                    help="only rewrite perf/README.md's results from this latest.json")
     args = ap.parse_args(argv)
+    if args.readme_from:
+        update_readme(json.loads(args.readme_from.read_text()))
+        print(f"updated {README} from {args.readme_from}")
+        return 0
     if args.quick:
         args.runs = 1
     d = measure.Durations.quick() if args.quick else measure.Durations()
@@ -193,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     for t in report.targets(doc["modes"]):
         print(t.verdict())
     print(f"\nwrote {args.out} and {png}; whole suite {machine['suite_seconds']}s")
+    if args.update_readme:
+        update_readme(doc)
+        print(f"updated {README}")
     return 0
 
 

@@ -281,3 +281,29 @@ def ratios_table(figs: Mapping[str, Mapping[str, Any]]) -> str:
             continue
         rows.append([mode] + ["-" if r[k] is None else f"{r[k]:.2f}" for k in keys])
     return _table(header, rows)
+
+
+# --------------------------------------------------------------------------------- README
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """Replace what stands between ``<!-- NAME:BEGIN -->`` and ``<!-- NAME:END -->``."""
+    begin, end = f"<!-- {name}:BEGIN -->", f"<!-- {name}:END -->"
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"README has no {begin} ... {end} section")
+    return text[:i + len(begin)] + "\n" + body.strip("\n") + "\n" + text[j:]
+
+
+def readme_sections(doc: Mapping[str, Any]) -> dict[str, str]:
+    """The README's generated sections for latest.json ``doc``."""
+    m = doc["machine"]
+    head = (f"{doc['date']}, {m.get('cores')} cores ({m.get('cpu', '?')}), kernel "
+            f"{m.get('kernel')}, Python {m.get('python')}, capture backend "
+            f"{m.get('capture_backend')}, medians of {m.get('runs')} run(s), load average "
+            f"{m.get('loadavg_1m_at_start', '?')} at start / {m.get('loadavg_1m', '?')} at end, "
+            f"suite {m.get('suite_seconds', '?')} s.")
+    results = "\n\n".join([head, figures_table(doc["modes"]), ratios_table(doc["modes"]),
+                            "![latest](results/latest.png)"])
+    verdicts = "\n".join(f"- {t.verdict()}" for t in targets(doc["modes"]))
+    return {"LATEST-RESULTS": results, "TARGETS": verdicts}

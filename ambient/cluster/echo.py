@@ -3,9 +3,9 @@
 Server (``python -m ambient.cluster.echo serve --tcp 8080 --http 8081 --name <pod>``):
 - TCP: on connect send one line ``hello from <name>; you are <peer ip>:<port>``, then echo
   everything until EOF and half-close back.
-- HTTP/1.1: any method returns 200 with JSON ``{"pod", "client", "path", "query", "method",
-  "headers"}`` and the header ``x-pod: <name>`` (keep-alive honoured); ``/status/<code>``
-  answers with that status instead.
+- HTTP/1.1: any method returns 200 with JSON ``{"pod", "client", "path" (the request target,
+  query included), "method", "headers"}`` and the header ``x-pod: <name>`` (keep-alive
+  honoured); ``/status/<code>`` answers with that status instead.
 
 Client API (for the harness and tests): ``tcp_probe`` / ``http_get`` / ``http_request`` open
 their socket inside the pod netns with ``ambient.netns.socket_in_netns``, so the connection
@@ -100,13 +100,12 @@ def _http_answer(name: str, client: str, method: str, target: str,
                  headers: dict[str, str]) -> tuple[str, bytes]:
     """(status line, JSON body) for one request: ``/status/<code>`` answers ``<code>``;
     everything else 200.  The body echoes what the app saw (for L7 tests)."""
-    path, _, query = target.partition("?")
     code = 200
-    m = re.fullmatch(r"/status/(\d{3})", path)
+    m = re.fullmatch(r"/status/(\d{3})", target.partition("?")[0])
     if m and 200 <= int(m[1]) <= 599:
         code = int(m[1])
-    body = json.dumps({"pod": name, "client": client, "path": path, "query": query,
-                       "method": method, "headers": headers}).encode()
+    body = json.dumps({"pod": name, "client": client, "path": target, "method": method,
+                       "headers": headers}).encode()
     if code in (204, 304):
         body = b""  # these responses have no body
     return f"{code} {_REASONS.get(code, 'Status')}", body

@@ -183,11 +183,21 @@ def header_block_limit(max_header_list_size: int) -> int:
 
 
 class _BoundedFrameBuffer(h2.frame_buffer.FrameBuffer):
-    """h2's frame buffer with the unfinished header block bounded (a CONTINUATION flood)."""
+    """h2's frame buffer, bounded: the unfinished header block (a CONTINUATION flood) and
+    the frame being received (h2 checks a frame's length only once all of it has arrived,
+    so a peer announcing a 16 MiB frame had it buffered whole before it was refused)."""
 
     def __init__(self, server: bool, limit: int) -> None:
         super().__init__(server=server)
         self._limit = limit
+
+    def __next__(self) -> hyperframe.frame.Frame:
+        if len(self._data) >= 9:  # type: ignore[has-type]
+            length = int.from_bytes(self._data[:3], "big")  # type: ignore[has-type]
+            if length > self.max_frame_size:
+                raise h2.exceptions.FrameTooLargeError(
+                    f"Received overlong frame: length {length}, max {self.max_frame_size}")
+        return super().__next__()
 
     def _update_header_buffer(
         self, f: hyperframe.frame.Frame | None

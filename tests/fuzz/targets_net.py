@@ -242,10 +242,12 @@ def cni_plugin(data: bytes) -> None:
     src = ByteSource(data)
     env = {"CNI_COMMAND": src.choice(("ADD", "DEL", "CHECK", "VERSION", "", "add", "ADD ")),
            "CNI_CONTAINERID": src.choice(("abc", "", "x" * 100)),
-           "CNI_NETNS": src.choice(("/var/run/netns/x", "")),
+           # os.environ turns non-UTF-8 bytes into lone surrogates ("\udcff")
+           "CNI_NETNS": src.choice(("/var/run/netns/x", "", "/var/run/netns/\udcff")),
            "CNI_IFNAME": src.choice(("eth0", "")),
            "CNI_ARGS": src.choice(("K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;K8S_POD_UID=u",
                                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=a",
+                                   "K8S_POD_NAMESPACE=default;K8S_POD_NAME=w\udcff",
                                    "", src.text(80)))}
     send = _cni_sender(src)
     mode = src.u8() % 3

@@ -85,7 +85,8 @@ def test_tcp_probe_sees_client_pod_ip(cluster, src, dst):
 def test_http_get(cluster):
     status, body = http_get(cluster.pods["b1"].netns, cluster.pods["a1"].ip, 8081, "/x?y=1")
     assert status == 200
-    assert body == {"pod": "a1", "client": cluster.pods["b1"].ip, "path": "/x?y=1"}
+    assert {k: body.get(k) for k in ("pod", "client", "path", "method")} == {
+        "pod": "a1", "client": cluster.pods["b1"].ip, "path": "/x?y=1", "method": "GET"}
 
 
 def test_apps_live_in_pod_cgroup_and_netns(cluster):

@@ -1,6 +1,7 @@
-"""DATA frames framed by our protocol core (not h2): a raw ``h2`` peer must parse them,
-charge its windows exactly, see END_STREAM after them, and never see a header-only TLS-size
-split; plus the WINDOW_UPDATE + RST_STREAM race that used to escape ``receive_data``."""
+"""DATA frames framed by our protocol core (not h2): a raw ``h2`` peer must parse them and
+charge its windows exactly as ours were charged, END_STREAM must follow buffered data, the
+payload memory is handed out without copies (mutable input is copied first), and the
+WINDOW_UPDATE + RST_STREAM race that used to escape ``receive_data`` is handled."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from ambient.hbone.protocol import (
     StreamReset,
     StreamWritable,
 )
-
 
 BIG = 16 * 1024 * 1024
 

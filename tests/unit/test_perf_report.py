@@ -216,3 +216,15 @@ def test_nginx_config_serves_1k_and_keeps_connections(tmp_path: Path) -> None:
     body = conf.split('location = /1k {', 1)[1].split('"')[1]
     assert len(body.replace("\\n", "\n")) == 1024
     assert str(tmp_path) in conf
+
+
+def test_readme_sections_are_replaced_in_place() -> None:
+    text = "a\n<!-- X:BEGIN -->\nold\n<!-- X:END -->\nb\n"
+    assert report.replace_section(text, "X", "new\n") == (
+        "a\n<!-- X:BEGIN -->\nnew\n<!-- X:END -->\nb\n")
+    with pytest.raises(ValueError, match="Y:BEGIN"):
+        report.replace_section(text, "Y", "new")
+    doc = report.document(report.figures(_results()), {"cores": 2}, "2026-11-27")
+    sections = report.readme_sections(doc)
+    assert "| ambient | 5.50 |" in sections["LATEST-RESULTS"]
+    assert "NOT MET: ambient req/s vs Envoy HBONE" in sections["TARGETS"]

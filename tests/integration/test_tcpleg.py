@@ -1,0 +1,186 @@
+"""Callback relays (``ambient.hbone.tcpleg``) over real loopback sockets and real mTLS:
+large transfers both ways with half-close, exact byte counts, bytes the StreamReader had
+buffered before the takeover, and a reset in the middle. Both event loops."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import os
+import socket
+import struct
+
+import pytest
+import uvloop
+from test_hbone_helpers import (
+    CLIENT_ID,
+    SERVER_ID,
+    TD,
+    client_ctx,
+    dial,
+    server_ctx,
+    start_echo,
+    transfer,
+)
+
+from ambient.hbone.aio import Incoming, RelayResult, start_hbone_server
+from ambient.hbone.pool import HbonePool, PoolKey
+from ambient.hbone.protocol import ConnectRequest
+from ambient.hbone.tcpleg import splice_hbone, splice_tcp
+from ambient.identity import SpiffeId
+
+LOOPS = pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+
+
+def run(coro, *, use_uvloop: bool):
+    if use_uvloop:
+        return uvloop.run(asyncio.wait_for(coro, 120))
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+async def tcp_relay(upstream_port: int, results: list, *, preamble: bool = False):
+    """A TCP relay server in front of 127.0.0.1:upstream_port using splice_tcp."""
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if preamble:  # consume one line, leaving what followed it in the reader's buffer
+            await r.readline()
+        up = await asyncio.open_connection("127.0.0.1", upstream_port)
+        results.append(await splice_tcp((r, w), up))
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+async def echo_through(port: int, payload: bytes, first: bytes = b"") -> bytes:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send() -> None:
+        w.write(first + payload[: 1 << 16])
+        for i in range(1 << 16, len(payload), 1 << 20):
+            w.write(payload[i: i + (1 << 20)])
+            await w.drain()
+        w.write_eof()
+
+    t = asyncio.ensure_future(send())
+    back = bytearray()
+    while data := await r.read(1 << 20):
+        back += data
+    await t
+    w.close()
+    return bytes(back)
+
+
+async def wait_for_results(results: list) -> None:
+    for _ in range(500):
+        if results:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the relay never finished")
+
+
+@LOOPS
+def test_splice_tcp_large_transfer_half_close_and_counts(use_uvloop: bool) -> None:
+    async def main() -> None:
+        echo, echo_port = await start_echo()
+        results: list = []
+        srv, port = await tcp_relay(echo_port, results)
+        try:
+            payload = os.urandom(12 * 1024 * 1024)
+            back = await echo_through(port, payload)
+            assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
+            await wait_for_results(results)
+            a_to_b, b_to_a, err = results[0]
+            assert err is None and a_to_b == len(payload) and b_to_a == len(payload)
+        finally:
+            srv.close()
+            echo.close()
+
+    run(main(), use_uvloop=use_uvloop)
+
+
+@LOOPS
+def test_splice_tcp_relays_bytes_buffered_before_takeover(use_uvloop: bool) -> None:
+    async def main() -> None:
+        echo, echo_port = await start_echo()
+        results: list = []
+        srv, port = await tcp_relay(echo_port, results, preamble=True)
+        try:
+            payload = b"early bytes" * 1000
+            back = await echo_through(port, payload, first=b"hello\n")
+            assert back == payload
+            await wait_for_results(results)
+            assert results[0][0] == len(payload) and results[0][2] is None
+        finally:
+            srv.close()
+            echo.close()
+
+    run(main(), use_uvloop=use_uvloop)
+
+
+@LOOPS
+def test_splice_tcp_upstream_reset_is_an_error_and_closes_both(use_uvloop: bool) -> None:
+    async def main() -> None:
+        got = asyncio.get_running_loop().create_future()
+
+        async def resetting(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            data = await r.read(1000)
+            sock = w.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w.transport.abort()  # RST
+            got.set_result(len(data))
+
+        up = await asyncio.start_server(resetting, "127.0.0.1", 0)
+        results: list = []
+        srv, port = await tcp_relay(up.sockets[0].getsockname()[1], results)
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"x" * 100)
+            await got
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                await asyncio.wait_for(r.readexactly(1), 10)  # EOF or reset, never data
+            await wait_for_results(results)
+            a_to_b, b_to_a, err = results[0]
+            assert err is not None and a_to_b == 100 and b_to_a == 0
+            w.close()
+        finally:
+            srv.close()
+            up.close()
+
+    run(main(), use_uvloop=use_uvloop)
+
+
+@LOOPS
+def test_splice_hbone_large_transfer_over_mtls(use_uvloop: bool) -> None:
+    async def main() -> None:
+        echo, echo_port = await start_echo()
+        results: list[RelayResult] = []
+
+        async def handler(req: ConnectRequest, peer: SpiffeId, incoming: Incoming) -> None:
+            r, w = await asyncio.open_connection("127.0.0.1", req.port)
+            results.append(await splice_hbone(incoming.accept(), r, w))
+
+        srv = await start_hbone_server(handler, server_ctx(), trust_domain=TD, host="127.0.0.1")
+        hport = srv.sockets[0].getsockname()[1]
+
+        async def ctx_for(_ident: SpiffeId):
+            return client_ctx(CLIENT_ID)
+
+        pool = HbonePool(dial, ctx_for, trust_domain=TD)
+        key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}), None,
+                      (ipaddress.IPv4Address("127.0.0.1"), hport))
+        try:
+            stream = await pool.connect(key, f"127.0.0.1:{echo_port}")
+            payload = os.urandom(24 * 1024 * 1024)
+            back = await transfer(stream, payload)
+            assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
+            await wait_for_results(results)
+            res = results[0]
+            assert res.error is None
+            assert res.to_stream == len(payload) and res.from_stream == len(payload)
+        finally:
+            await pool.close()
+            srv.close()
+            echo.close()
+
+    run(main(), use_uvloop=use_uvloop)

@@ -1,0 +1,295 @@
+"""Every finding of the fuzzers (``make fuzz``, ``tests/unit/test_fuzz_*.py``), as the
+smallest input that showed it, with the behaviour the fix guarantees.
+
+Each test names the target that found it; ``docs/reliability.md`` lists them with the fix.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tracemalloc
+from datetime import timedelta
+
+import grpc
+import hpack
+import hyperframe.frame as hf
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID, NameOID
+
+from ambient.ca import CaError, CertificateAuthority, workload_certificate_from_chain
+from ambient.certs import CertificateError, verify_chain
+from ambient.hbone.protocol import (
+    ConnectRequest,
+    ConnectResponse,
+    HboneClientProtocol,
+    HboneProtocolError,
+    HboneServerProtocol,
+    header_block_limit,
+)
+from ambient.identity import SpiffeId
+from cni import events, plugin
+from controlplane.ca_service import Denied, validate_csr
+from controlplane.local_source import ParseError, parse_manifests
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+IDENT = SpiffeId("cluster.local", "default", "web")
+
+
+def _server() -> HboneServerProtocol:
+    srv = HboneServerProtocol()
+    srv.initiate()
+    srv.receive_data(PREFACE + hf.SettingsFrame(0).serialize(), 0.0)
+    srv.data_to_send()
+    return srv
+
+
+# ---------------------------------------------------------------------------- HBONE
+
+
+def test_continuation_flood_is_refused_before_it_grows() -> None:
+    """hbone_server: HEADERS without END_HEADERS then CONTINUATIONs of 1 MiB each made one
+    connection hold up to 64 MiB (h2 allows 64 frames of our 1 MiB MAX_FRAME_SIZE)."""
+    srv = _server()
+    head = hf.HeadersFrame(1, data=hpack.Encoder().encode([(":method", "CONNECT")]))
+    srv.receive_data(head.serialize(), 0.0)
+    tracemalloc.start()
+    try:
+        with pytest.raises(HboneProtocolError, match="header block"):
+            for _ in range(64):
+                srv.receive_data(hf.ContinuationFrame(1, data=b"\0" * 65_536).serialize(), 0.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * header_block_limit(16 * 1024) + (1 << 20)
+    assert srv.closed
+    goaway = [f for f in _frames(srv.data_to_send()) if isinstance(f, hf.GoAwayFrame)]
+    assert goaway and goaway[0].error_code == 1  # PROTOCOL_ERROR
+
+
+def test_header_block_split_over_continuations_still_works() -> None:
+    """The bound refuses floods, not legitimately split header blocks (12 KiB in 3 frames)."""
+    srv = _server()
+    block = hpack.Encoder().encode([(":method", "CONNECT"), (":authority", "10.0.0.2:8080"),
+                                    ("baggage", "k=" + "v" * 12_000)], huffman=False)
+    parts = [block[i : i + 4096] for i in range(0, len(block), 4096)]
+    frames = hf.HeadersFrame(1, data=parts[0]).serialize()
+    for i, part in enumerate(parts[1:], 1):
+        cont = hf.ContinuationFrame(1, data=part)
+        if i == len(parts) - 1:
+            cont.flags.add("END_HEADERS")
+        frames += cont.serialize()
+    [ev] = srv.receive_data(frames, 0.0)
+    assert isinstance(ev, ConnectRequest) and len(ev.headers["baggage"]) == 12_002
+
+
+def _frames(data: bytes) -> list[hf.Frame]:
+    out = []
+    while len(data) >= 9:
+        f, n = hf.Frame.parse_frame_header(memoryview(data[:9]))
+        f.parse_body(memoryview(data[9 : 9 + n]))
+        out.append(f)
+        data = data[9 + n :]
+    return out
+
+
+@pytest.mark.parametrize("status", [b"2" * 5000, b"0200", b"20"])
+def test_response_status_that_is_not_three_digits(status: bytes) -> None:
+    """hbone_client: a ``:status`` of 5000 digits raised ValueError (int() digit limit) out of
+    ``receive_data``; any status that is not three digits now reads as 0 (not 200)."""
+    cli = HboneClientProtocol()
+    cli.initiate()
+    sid = cli.connect("10.0.0.1:80")
+    cli.data_to_send()
+    head = hf.HeadersFrame(sid, data=hpack.Encoder().encode([(":status", status)]))
+    head.flags.add("END_HEADERS")
+    evs = cli.receive_data(hf.SettingsFrame(0).serialize() + head.serialize(), 0.0)
+    assert [e for e in evs if isinstance(e, ConnectResponse)] == [ConnectResponse(sid, 0, {})]
+
+
+# ---------------------------------------------------------------------------- CNI
+
+ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_NETNS": "/x", "CNI_IFNAME": "eth0"}
+
+
+def _never(event: events.PluginEvent) -> events.AgentReply:
+    raise AssertionError("the agent must not be asked")
+
+
+@pytest.mark.parametrize("stdin", [b"[" * 100_000, b'{"cniVersion": "1.0.0", "x": '
+                                   + b"{\"a\": " * 5000 + b"1" + b"}" * 5001])
+def test_cni_deeply_nested_config_is_a_decoding_error(stdin: bytes) -> None:
+    """cni_plugin: JSON nested deeper than the recursion limit raised RecursionError."""
+    code, out = plugin.run(ENV, stdin, _never, io.StringIO())
+    assert code == 1
+    assert json.loads(out)["code"] == plugin.ERR_DECODING
+
+
+def test_cni_version_with_deeply_nested_stdin() -> None:
+    code, out = plugin.run({"CNI_COMMAND": "VERSION"}, b"[" * 100_000, _never, io.StringIO())
+    assert code == 0 and json.loads(out)["cniVersion"] == plugin.LATEST_VERSION
+
+
+def test_broken_frame_decoder_lets_go_of_what_it_was_fed() -> None:
+    """cni_frames: a decoder fed 10 MB of garbage kept all of it after the error."""
+    dec = events.FrameDecoder()
+    with pytest.raises(events.FrameError, match="outside"):
+        dec.feed(b"\xff" * 10_000_000)
+    assert dec.pending == 0
+    with pytest.raises(events.FrameError):
+        dec.feed(b"")
+
+
+# ---------------------------------------------------------------------------- manifests
+
+
+@pytest.mark.parametrize("text", ["kind: X\nmetadata: [1]\n", "kind: Pod\nmetadata: abc\n"])
+def test_local_source_metadata_that_is_not_a_mapping(text: str) -> None:
+    """local_source: ``metadata`` as a list or string raised AttributeError."""
+    with pytest.raises(ParseError, match="fuzz.yaml: document 1 has no metadata mapping"):
+        parse_manifests(text, "fuzz.yaml")
+
+
+# ---------------------------------------------------------------------------- certificates
+
+
+def _patched(der: bytes, old: bytes, new: bytes) -> bytes:
+    assert der.count(old) >= 1
+    return der.replace(old, new, 1)
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.generate("cluster.local")
+
+
+def _csr(key: ec.EllipticCurvePrivateKey, ext: x509.ExtensionType) -> x509.CertificateSigningRequest:
+    return (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+            .add_extension(ext, critical=False).sign(key, hashes.SHA256()))
+
+
+def _pem(der: bytes, label: str) -> bytes:
+    import base64
+
+    return (f"-----BEGIN {label}-----\n".encode() + base64.encodebytes(der)
+            + f"-----END {label}-----\n".encode())
+
+
+def test_csr_with_an_invalid_version(ca: CertificateAuthority) -> None:
+    """csr: a CSR whose version is 5 raised x509.InvalidVersion (not a ValueError)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    der = _csr(key, x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(IDENT))])
+               ).public_bytes(serialization.Encoding.DER)
+    pem = _pem(_patched(der, b"\x02\x01\x00", b"\x02\x01\x05"), "CERTIFICATE REQUEST")
+    with pytest.raises(Denied) as e:
+        validate_csr(pem, "cluster.local")
+    assert e.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(CaError, match="not a valid PEM certificate request"):
+        ca.sign_csr(pem, IDENT)
+
+
+def test_signed_csr_with_a_malformed_san() -> None:
+    """csr: a correctly signed CSR whose SAN does not parse (extensions parse lazily)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    bad_san = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x05\x86\x09x")
+    pem = _csr(key, bad_san).public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(Denied, match="extensions are malformed"):
+        validate_csr(pem, "cluster.local")
+
+
+def _leaf_der(ca: CertificateAuthority, *extensions: x509.ExtensionType) -> tuple[bytes, bytes]:
+    """A leaf (DER) signed by ``ca``'s key with the given extensions, and the root (DER)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    root = x509.load_pem_x509_certificate(ca.roots_pem)
+    b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+         .issuer_name(root.subject).public_key(key.public_key()).serial_number(7)
+         .not_valid_before(root.not_valid_before_utc)
+         .not_valid_after(root.not_valid_before_utc + timedelta(days=1)))
+    for ext in extensions:
+        b = b.add_extension(ext, critical=False)
+    leaf = b.sign(ca._key, hashes.SHA256())  # noqa: SLF001 - a leaf the CA would not issue
+    return leaf.public_bytes(serialization.Encoding.DER), root.public_bytes(
+        serialization.Encoding.DER)
+
+
+SAN = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(IDENT))])
+
+
+def test_chain_with_an_invalid_certificate_version(ca: CertificateAuthority) -> None:
+    """cert_chain: a certificate with version 5 raised x509.InvalidVersion."""
+    leaf, root = _leaf_der(ca, SAN)
+    broken = _patched(leaf, b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x05")
+    with pytest.raises(CaError, match="not a valid PEM certificate"):
+        workload_certificate_from_chain(IDENT, b"", [_pem(broken, "CERTIFICATE").decode(),
+                                                     _pem(root, "CERTIFICATE").decode()])
+    good = workload_certificate_from_chain(IDENT, b"", [_pem(leaf, "CERTIFICATE").decode(),
+                                                        _pem(root, "CERTIFICATE").decode()])
+    bad_roots = type(good)(good.identity, b"", good.chain_pem,
+                           _pem(_patched(root, b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x05"),
+                                "CERTIFICATE"), good.not_before, good.not_after)
+    with pytest.raises(CertificateError, match="does not parse"):
+        verify_chain(bad_roots)
+
+
+@pytest.mark.parametrize("ext", [
+    x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x05\x86\x09x"),
+    "duplicate",
+], ids=["malformed SAN", "duplicate SAN"])
+def test_leaf_with_malformed_extensions(ca: CertificateAuthority, ext: object) -> None:
+    """cert_chain: the leaf's SAN is read lazily; a malformed one raised ValueError and two
+    SAN extensions raised x509.DuplicateExtension out of workload_certificate_from_chain."""
+    if ext == "duplicate":
+        ian = x509.IssuerAlternativeName([x509.UniformResourceIdentifier(str(IDENT))])
+        leaf, root = _leaf_der(ca, SAN, ian)
+        leaf = _patched(leaf, b"\x06\x03\x55\x1d\x12", b"\x06\x03\x55\x1d\x11")  # IAN -> SAN
+    else:
+        leaf, root = _leaf_der(ca, ext)  # type: ignore[arg-type]
+    with pytest.raises(CaError, match="malformed extensions"):
+        workload_certificate_from_chain(IDENT, b"", [_pem(leaf, "CERTIFICATE").decode(),
+                                                     _pem(root, "CERTIFICATE").decode()])
+
+
+def test_root_with_an_unknown_key_algorithm(ca: CertificateAuthority) -> None:
+    """cert_chain: a root whose key algorithm is unknown raised UnsupportedAlgorithm from
+    ``verify_chain`` (checking the signature needs the root's key)."""
+    leaf, root = _leaf_der(ca, SAN)
+    ec_oid = b"\x06\x07\x2a\x86\x48\xce\x3d\x02\x01"  # id-ecPublicKey
+    odd_root = _patched(root, ec_oid, b"\x06\x07\x2a\x25\x48\xce\x3d\x02\x01")
+    wc = workload_certificate_from_chain(IDENT, b"", [_pem(leaf, "CERTIFICATE").decode(),
+                                                      _pem(odd_root, "CERTIFICATE").decode()])
+    with pytest.raises(CertificateError, match="does not lead to any of the 1 root"):
+        verify_chain(wc)
+
+
+@pytest.mark.parametrize("env,conf", [
+    ({"CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=w\udcff"}, {}),
+    ({"CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=w"},
+     {"prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "\udcff"}]}}),
+], ids=["CNI_ARGS with a non-UTF-8 byte", "prevResult with a lone surrogate"])
+def test_cni_parameters_that_are_not_utf8(env: dict[str, str], conf: dict[str, object]) -> None:
+    """cni_plugin: os.environ maps non-UTF-8 bytes to lone surrogates (so does JSON's
+    ``\\udcff``); msgpack refused them with UnicodeEncodeError out of ``run``."""
+    stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "ambient-cni",
+                        "prevResult": {"cniVersion": "1.0.0"}, **conf}).encode()
+    code, out = plugin.run({**ENV, **env}, stdin, _never, io.StringIO())
+    assert code == 1
+    assert json.loads(out)["code"] == plugin.ERR_DECODING
+    with pytest.raises(events.FrameError, match="UTF-8"):
+        events.encode_frame(events.AgentReply(ok=False, message="\udcff"))
+
+
+@pytest.mark.xfail(strict=True, reason="h2 reads a head starting with ':status: 1xx' as an "
+                   "informational response and fails the whole connection; only the sending "
+                   "peer's own connection is affected (reported, not fixed: needs h2 internals)")
+def test_request_head_starting_with_an_informational_status() -> None:
+    """test_fuzz_hbone: a request head whose first field is ``:status: 100`` (with or
+    without END_STREAM) should be reset on its stream like any malformed request."""
+    srv = _server()
+    f = hf.HeadersFrame(1, data=hpack.Encoder().encode([(":status", "100"),
+                                                        (":method", "CONNECT")]))
+    f.flags.add("END_HEADERS")
+    srv.receive_data(f.serialize(), 0.0)
+    assert not srv.closed
