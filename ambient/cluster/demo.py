@@ -172,6 +172,10 @@ def late_enrollment(mesh: LocalMesh) -> Scenario:
     web = mesh.pods["legacy/web"]
     mesh.set_labels("Pod", "legacy", "web", {"istio.io/dataplane-mode": "ambient"})
     captured = _wait_captured(mesh, "legacy/web", True)
+    # The client's ztunnel learns from the control plane that web now speaks HBONE.
+    fe_node = mesh.pods["shop/frontend"].node
+    _until(lambda: any(w.get("name") == "web" and w.get("protocol") == "HBONE"
+                       for w in mesh.config_dump(fe_node).get("workloads", [])), timeout=20)
     labels = {"reporter": "destination", "destination_workload": "web",
               "connection_security_policy": "mutual_tls"}
     before = _opened(mesh, web.node, labels)

@@ -163,7 +163,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     root = tmp_path_factory.mktemp("envoyzt")
     manifests = root / "manifests.yaml"
     manifests.write_text(MANIFESTS)
-    m = LocalMesh(manifests, name=f"ez{secrets.token_hex(3)}", run_root=root / "run")
+    # iptables capture: these tests connect from the test process inside a pod netns, which
+    # netns-wide rules capture (cgroup-based eBPF capture would not see this process).
+    m = LocalMesh(manifests, name=f"ez{secrets.token_hex(3)}", run_root=root / "run",
+                  capture="iptables")
     try:
         m.up(progress=lambda _msg: None)
         yield m
@@ -273,9 +276,14 @@ def test_real_ztunnel_outbound_to_envoy_hbone_server(
 ) -> None:
     assert mesh.cluster is not None
     frontend = mesh.pods["shop/frontend"]
-    # A pod the harness knows nothing about: no ztunnel serves it, no capture rules.
-    pod = mesh.cluster.add_pod("envoysrv", "shop", "node-b", service_account="envoysrv",
-                               labels={"app": "envoysrv"})
+    # A pod the mesh's CNI plugin never saw (networked by the reference plugins only): no
+    # capture rules, no ztunnel serves it.
+    chain = mesh.cluster.chain_by_node.pop("node-b")
+    try:
+        pod = mesh.cluster.add_pod("envoysrv", "shop", "node-b", service_account="envoysrv",
+                                   labels={"app": "envoysrv"})
+    finally:
+        mesh.cluster.chain_by_node["node-b"] = chain
     mesh.cluster.start_echo(pod)
     # ... but the mesh configuration says it is an ambient (HBONE) workload on node-b.
     manifests = mesh.run_dir / "manifests.yaml"

@@ -86,6 +86,18 @@ def test_header_block_split_over_continuations_still_works() -> None:
     assert isinstance(ev, ConnectRequest) and len(ev.headers["baggage"]) == 12_002
 
 
+def test_overlong_frame_is_refused_from_its_header() -> None:
+    """test_fuzz_hbone (10 MB of garbage): h2 checks a frame's length only once the whole
+    frame has arrived, so a header announcing 16 MiB made the connection buffer 16 MiB
+    before refusing it (MAX_FRAME_SIZE is 1 MiB)."""
+    srv = _server()
+    header = (2**24 - 1).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"  # DATA, stream 1
+    with pytest.raises(HboneProtocolError, match="overlong frame") as e:
+        srv.receive_data(header + b"\0" * 1000, 0.0)
+    assert e.value.error_code == 6  # FRAME_SIZE_ERROR
+    assert srv.closed
+
+
 def _frames(data: bytes) -> list[hf.Frame]:
     out = []
     while len(data) >= 9:
