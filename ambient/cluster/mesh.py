@@ -349,6 +349,27 @@ class LocalMesh:
             env=_env(), log_name=name)
         return HeldApp(proc, Path(self.cluster.log_path(name)))
 
+    def apply_object(self, obj: dict[str, Any]) -> None:
+        """Create or replace one object in the cluster's manifests (``kubectl apply``)."""
+        meta = obj.get("metadata") or {}
+        self.delete_object(str(obj.get("kind")), str(meta.get("namespace", "default")),
+                           str(meta.get("name")), missing_ok=True)
+        self.objects.append(copy.deepcopy(obj))
+        self.write_manifests()
+
+    def delete_object(self, kind: str, namespace: str, name: str, *,
+                      missing_ok: bool = False) -> None:
+        """Remove one object from the cluster's manifests (``kubectl delete``)."""
+        keep = [o for o in self.objects if not (
+            o.get("kind") == kind and (o.get("metadata") or {}).get("name") == name and (
+                kind == "Namespace"
+                or (o.get("metadata") or {}).get("namespace", "default") == namespace))]
+        if len(keep) == len(self.objects) and not missing_ok:
+            raise MeshError(f"no {kind} {namespace}/{name} in the manifests")
+        if len(keep) != len(self.objects):
+            self.objects = keep
+            self.write_manifests()
+
     def update_object(self, kind: str, namespace: str, name: str,
                       change: Callable[[dict[str, Any]], None]) -> None:
         """Edit one object of the cluster's manifests in place (``kubectl edit``)."""

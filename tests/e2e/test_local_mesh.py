@@ -10,12 +10,14 @@ per-entry rejection, and graceful drain.
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -158,6 +160,73 @@ def test_agent_restart_keeps_capture_and_resyncs_ztunnel(mesh: LocalMesh) -> Non
     assert demo.probe(mesh, "shop/frontend", backend_ip, 8080).ok
     states = mesh.config_dump("node-a")["workloadState"].values()
     assert {s["info"]["name"] for s in states} == {"frontend", "backend-2", "reviews-v1"}
+
+
+def test_waypoint_routing_faults_and_rate_limits_in_the_mesh(mesh: LocalMesh) -> None:
+    """HTTPRoute redirects, rewrites and header modifiers, and an HTTPTrafficPolicy's fault and
+    rate limit, applied by editing the cluster's objects and enforced by the waypoint on
+    traffic from a mesh pod."""
+    route = next(o for o in mesh.objects if o.get("kind") == "HTTPRoute"
+                 and o["metadata"]["name"] == "reviews")
+    original = copy.deepcopy(route)
+    v1 = [{"name": "reviews-v1", "port": 80}]
+    rules = [
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+         "filters": [{"type": "RequestRedirect",
+                      "requestRedirect": {"path": {"type": "ReplaceFullPath",
+                                                   "replaceFullPath": "/api/new"},
+                                          "statusCode": 301}}]},
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/v1only"}}],
+         "filters": [{"type": "RequestHeaderModifier",
+                      "requestHeaderModifier": {"set": [{"name": "x-mesh", "value": "yes"}]}},
+                     {"type": "URLRewrite",
+                      "urlRewrite": {"path": {"type": "ReplacePrefixMatch",
+                                              "replacePrefixMatch": "/api"}}}],
+         "backendRefs": v1},
+        {"name": "faulty", "matches": [{"path": {"type": "PathPrefix", "value": "/faulty"}}],
+         "backendRefs": v1},
+        {"name": "limited", "matches": [{"path": {"type": "PathPrefix", "value": "/limited"}}],
+         "backendRefs": v1},
+        *original["spec"]["rules"],
+    ]
+    policy = {"apiVersion": "ambient.io/v1alpha1", "kind": "HTTPTrafficPolicy",
+              "metadata": {"name": "reviews-faults", "namespace": "shop"},
+              "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io",
+                                       "kind": "HTTPRoute", "name": "reviews",
+                                       "sectionName": "faulty"}],
+                       "fault": {"abort": {"httpStatus": 418, "percentage": 100}}}}
+    limit = {"apiVersion": "ambient.io/v1alpha1", "kind": "HTTPTrafficPolicy",
+             "metadata": {"name": "reviews-limit", "namespace": "shop"},
+             "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io",
+                                      "kind": "HTTPRoute", "name": "reviews",
+                                      "sectionName": "limited"}],
+                      "rateLimit": {"requestsPerUnit": 1, "unit": "minute", "burst": 1}}}
+
+    def get(path: str) -> Any:
+        return demo.http(mesh, "shop/frontend", demo.REVIEWS_VIP, 80, path)[0]
+
+    try:
+        mesh.update_object("HTTPRoute", "shop", "reviews",
+                           lambda o: o["spec"].__setitem__("rules", rules))
+        mesh.apply_object(policy)
+        mesh.apply_object(limit)
+        assert _wait_for(lambda: get("/faulty").status == 418, timeout=20)
+        redirect = get("/old/page")
+        assert redirect.status == 301, redirect
+        assert redirect.headers.get("location", "").endswith("/api/new"), redirect.headers
+        rewritten = get("/v1only/x")
+        assert rewritten.status == 200, rewritten
+        echoed = rewritten.json()
+        assert echoed.get("pod") == "reviews-v1" and echoed.get("path") == "/api/x", echoed
+        assert {k.lower(): v for k, v in echoed.get("headers", {}).items()}.get("x-mesh") == "yes"
+        statuses = [get("/limited").status for _ in range(3)]
+        assert statuses[0] == 200 and 429 in statuses[1:], statuses
+    finally:
+        mesh.delete_object("HTTPTrafficPolicy", "shop", "reviews-faults", missing_ok=True)
+        mesh.delete_object("HTTPTrafficPolicy", "shop", "reviews-limit", missing_ok=True)
+        mesh.update_object("HTTPRoute", "shop", "reviews",
+                           lambda o: o["spec"].__setitem__("rules", original["spec"]["rules"]))
+    assert _wait_for(lambda: get("/faulty").status == 200, timeout=20)
 
 
 def test_unready_waypoint_fails_closed_then_recovers(mesh: LocalMesh) -> None:
