@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PROTOS := $(shell find ambient/api -name '*.proto' 2>/dev/null)
 
-.PHONY: bootstrap demo test proto lint down clean bench bench-controlplane manifests
+.PHONY: bootstrap demo test proto lint down clean bench bench-controlplane manifests fuzz
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -35,6 +35,12 @@ bench: bootstrap
 # Control-plane translation at 10k pods / 1k services; writes perf/results/controlplane.json.
 bench-controlplane: bootstrap
 	$(PY) perf/bench_controlplane.py
+
+# The long fuzz run: every parser of untrusted input, 1,000,000 inputs per target (atheris),
+# both cores, resumable; writes tests/fuzz/results.json. FUZZ_ARGS="--inputs 100000" etc.
+fuzz: bootstrap
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q 'atheris>=2.3'
+	$(PY) tests/fuzz/run.py $(FUZZ_ARGS)
 
 lint: bootstrap
 	$(PY) -m ruff check .

@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     total_s = time.monotonic() - t0
     print(f"total wall time {total_s:.0f}s; results in {RESULTS.relative_to(ROOT)}")
     short = [n for n in names if int(results.get(n, {}).get("inputs", 0)) < a.inputs]
-    bad = [n for n in names if results.get(n, {}).get("findings") or results.get(n, {}).get("fatal")]
+    bad = [n for n in names
+           if results.get(n, {}).get("findings") or results.get(n, {}).get("fatal")]
     if short:
         print(f"short of {a.inputs:,} inputs (run again to resume): {', '.join(short)}")
     if bad:

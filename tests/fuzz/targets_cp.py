@@ -257,7 +257,8 @@ def _baseline() -> list[bytes]:
 
 def xds_client(data: bytes) -> None:
     """ztunnel's ``XdsClientState.handle_response`` on a fuzzed DeltaDiscoveryResponse."""
-    state = XdsClientState(MeshStore(), base_pb2.Node(id="ztunnel~10.0.0.1~z.ns~ns.svc.cluster.local"))
+    node = base_pb2.Node(id="ztunnel~10.0.0.1~z.ns~ns.svc.cluster.local")
+    state = XdsClientState(MeshStore(), node)
     head = data[:1]
     if head and head[0] & 1:
         for raw in _baseline():
@@ -321,7 +322,8 @@ def xds_server(data: bytes) -> None:
 
 
 def xds_server_seeds() -> list[bytes]:
-    node = base_pb2.Node(id="ztunnel~10.0.0.5~ztunnel-a.istio-system~istio-system.svc.cluster.local")
+    node = base_pb2.Node(
+        id="ztunnel~10.0.0.5~ztunnel-a.istio-system~istio-system.svc.cluster.local")
     reqs = [
         discovery_pb2.DeltaDiscoveryRequest(type_url=ADDRESS_TYPE_URL, node=node),
         discovery_pb2.DeltaDiscoveryRequest(type_url=AUTHORIZATION_TYPE_URL,

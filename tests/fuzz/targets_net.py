@@ -134,13 +134,15 @@ def hbone_server_seeds() -> list[bytes]:
     req = _frame("headers", 1, headers=CONNECT)
     bad = _frame("headers", 3, headers=[(":method", "GET"), (":authority", "a:1"),
                                         (":path", "/"), (":scheme", "http")])
-    self_call = _frame("headers", 5, headers=[(":method", "CONNECT"), (":authority", "1.1.1.1:15008")])
+    self_call = _frame("headers", 5,
+                       headers=[(":method", "CONNECT"), (":authority", "1.1.1.1:15008")])
     split = hf.HeadersFrame(7, data=hpack.Encoder().encode(CONNECT)).serialize()
     cont = hf.ContinuationFrame(7, data=b"")
     cont.flags.add("END_HEADERS")
     return [
         b"\x07" + req,
-        b"\x05" + req + _frame("data", 1) + _frame("window", 1) + _frame("data", 1, flags=["END_STREAM"]),
+        b"\x05" + req + _frame("data", 1) + _frame("window", 1)
+        + _frame("data", 1, flags=["END_STREAM"]),
         b"\x03" + req + bad + self_call + _frame("rst", 1) + _frame("ping", 0),
         b"\x01" + split + cont.serialize() + _frame("goaway", 7),
         b"\x00" + PREFACE + _frame("settings", 0) + req,
@@ -152,7 +154,8 @@ def hbone_client_seeds() -> list[bytes]:
     no = _frame("headers", 3, headers=[(":status", "503"), ("x", "y")], flags=["END_STREAM"])
     return [
         b"\x07\x00" + _frame("settings", 0) + ok + _frame("data", 1) + no,
-        b"\x01\x00" + _frame("settings", 0) + ok + _frame("window", 0, inc=1 << 20) + _frame("goaway", 1),
+        b"\x01\x00" + _frame("settings", 0) + ok + _frame("window", 0, inc=1 << 20)
+        + _frame("goaway", 1),
     ]
 
 

@@ -178,7 +178,8 @@ def ca() -> CertificateAuthority:
     return CertificateAuthority.generate("cluster.local")
 
 
-def _csr(key: ec.EllipticCurvePrivateKey, ext: x509.ExtensionType) -> x509.CertificateSigningRequest:
+def _csr(key: ec.EllipticCurvePrivateKey,
+         ext: x509.ExtensionType) -> x509.CertificateSigningRequest:
     return (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
             .add_extension(ext, critical=False).sign(key, hashes.SHA256()))
 
@@ -206,7 +207,8 @@ def test_csr_with_an_invalid_version(ca: CertificateAuthority) -> None:
 def test_signed_csr_with_a_malformed_san() -> None:
     """csr: a correctly signed CSR whose SAN does not parse (extensions parse lazily)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    bad_san = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x05\x86\x09x")
+    bad_san = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+                                         b"\x30\x05\x86\x09x")
     pem = _csr(key, bad_san).public_bytes(serialization.Encoding.PEM)
     with pytest.raises(Denied, match="extensions are malformed"):
         validate_csr(pem, "cluster.local")
@@ -216,7 +218,8 @@ def _leaf_der(ca: CertificateAuthority, *extensions: x509.ExtensionType) -> tupl
     """A leaf (DER) signed by ``ca``'s key with the given extensions, and the root (DER)."""
     key = ec.generate_private_key(ec.SECP256R1())
     root = x509.load_pem_x509_certificate(ca.roots_pem)
-    b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+    cn = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
+    b = (x509.CertificateBuilder().subject_name(cn)
          .issuer_name(root.subject).public_key(key.public_key()).serial_number(7)
          .not_valid_before(root.not_valid_before_utc)
          .not_valid_after(root.not_valid_before_utc + timedelta(days=1)))
