@@ -44,7 +44,7 @@ fuzz: bootstrap
 
 lint: bootstrap
 	$(PY) -m ruff check .
-	$(PY) -m mypy ambient ztunnel cni bpf controlplane waypoint
+	$(PY) -m mypy ambient ztunnel cni bpf controlplane waypoint perf
 
 clean:
 	rm -rf .venv build *.egg-info

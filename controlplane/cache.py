@@ -45,8 +45,11 @@ class Entry(NamedTuple):
 class ChangesLike(Protocol):
     """What the translation pipeline hands over: per type URL, upserts and removals."""
 
-    upserts: Mapping[str, Mapping[str, Message]]
-    removals: Mapping[str, Iterable[str]]
+    @property
+    def upserts(self) -> Mapping[str, Mapping[str, Message]]: ...
+
+    @property
+    def removals(self) -> Mapping[str, Iterable[str]]: ...
 
 
 def resource_version(data: bytes) -> str:

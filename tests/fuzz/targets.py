@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from fuzz import targets_cp as cp
 from fuzz import targets_net as net
+from fuzz import targets_waypoint as wp
 
 
 @dataclass(frozen=True)
@@ -54,4 +55,6 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            cp.cert_chain, cp.cert_chain_seeds, 8192),
     Target("spiffe_id", "ambient.identity.SpiffeId.parse (+ controlplane.xds.peer_identity)",
            cp.spiffe_id, cp.spiffe_seeds, 512),
+    Target("waypoint_l7", "waypoint.l7.build_config + route / authorize / admit / pick_backend",
+           wp.waypoint_l7, wp.waypoint_seeds),
 ]}

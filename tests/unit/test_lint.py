@@ -20,5 +20,5 @@ def test_ruff_clean() -> None:
 
 
 def test_mypy_clean() -> None:
-    r = _run("mypy", "ambient", "ztunnel", "cni", "bpf", "controlplane", "waypoint")
+    r = _run("mypy", "ambient", "ztunnel", "cni", "bpf", "controlplane", "waypoint", "perf")
     assert r.returncode == 0, r.stdout + r.stderr
