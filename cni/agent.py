@@ -364,10 +364,12 @@ class NodeAgent:
         log.info("restored %d pods from %s", len(self.pods), self.config.state_path)
 
     async def retry_loop(self) -> None:
-        """Re-offer captured pods that ztunnel has not acknowledged yet."""
+        """Re-offer captured pods that ztunnel has not acknowledged yet, and forget pods whose
+        netns vanished without a CNI DEL (else ztunnel would hold the dead netns open)."""
         while True:
             await asyncio.sleep(self.config.retry_interval_s)
-            if any(p.captured and not p.acked for p in self.pods.values()):
+            if any((p.captured and not p.acked) or not os.path.exists(p.netns)
+                   for p in self.pods.values()):
                 await self.reconcile()
 
     def snapshot(self) -> list[ZdsPod]:

@@ -80,6 +80,9 @@ WILDCARD = "*"
 SUPPORTED_TYPES = frozenset({ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL})
 PROXY_TYPES = frozenset({"ztunnel", "sidecar", "router"})
 _MAX_IN_FLIGHT = 64  # nonces remembered per type; a client that never ACKs cannot grow us
+# Explicit subscriptions held per type and stream. ztunnel subscribes by wildcard (or on demand,
+# a few names); without a bound, a client could grow the control plane request by request.
+MAX_SUBSCRIBED_NAMES = 100_000
 _NODE_SHAPE = "ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local"
 
 Response = discovery_pb2.DeltaDiscoveryResponse
@@ -370,6 +373,11 @@ class DeltaStream:
             else:
                 st.names.discard(name)
                 new_names.discard(name)
+        if len(st.names) > MAX_SUBSCRIBED_NAMES:
+            raise XdsError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{self.node_label} subscribes to {len(st.names)} {type_url} names, "
+                           f"more than the {MAX_SUBSCRIBED_NAMES} this control plane holds per "
+                           "stream; subscribe with the wildcard instead")
         if was_wildcard and not st.wildcard:
             # The client drops what it no longer subscribes to; forget it too.
             st.known = {n: v for n, v in st.known.items() if n in st.names}

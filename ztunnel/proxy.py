@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ from ambient.hbone.tcpleg import splice_hbone
 from ambient.identity import SpiffeId
 from ambient.model import Workload
 from ambient.store import MeshState, MeshStore
+from ambient.tls import classify_handshake_error
 from ztunnel.config import Settings
 from ztunnel.metrics import Metrics
 from ztunnel.relay import relay_streams
@@ -206,13 +208,23 @@ class Ztunnel:
         self.draining = True  # from now on, new CONNECTs on live HBONE connections get 503
         for pod in self.pods.values():
             self._close_listeners(pod)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        await asyncio.sleep(0)  # connections accepted just before the close start their handler
         tasks = {t for pod in self.pods.values() for t in pod.tasks}
         if tasks:
             log.info("draining %d connections for up to %.1fs", len(tasks), deadline)
-            _, pending = await asyncio.wait(tasks, timeout=deadline)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        pending: set[asyncio.Task[Any]] = set()
+        for _ in range(1000):  # re-check: a handler may start while we wait for the others
+            tasks = {t for pod in self.pods.values() for t in pod.tasks if not t.done()}
+            remaining = end - loop.time()
+            if not tasks or remaining <= 0:
+                pending = tasks
+                break
+            _, pending = await asyncio.wait(tasks, timeout=remaining)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         for uid in list(self.pods):
             await self.del_pod(uid)
 
@@ -534,7 +546,8 @@ class Ztunnel:
         except asyncio.CancelledError:
             raise  # serve_hbone aborted the connection
         except Exception as e:  # handshake or identity failure: the peer gets a TLS alert
-            log.info("inbound HBONE connection to %s/%s failed: %s", pod.namespace, pod.name, e)
+            why = classify_handshake_error(e) if isinstance(e, ssl.SSLError) else e  # reason
+            log.info("inbound HBONE connection to %s/%s failed: %s", pod.namespace, pod.name, why)
             sock.close()
 
     async def _inbound_hbone(

@@ -133,6 +133,21 @@ def run_target(name: str, runs: int, seconds: int, timeout: int, rss_mb: int) ->
             "corpus": len(list((CORPUS / name).iterdir())) if (CORPUS / name).exists() else 0}
 
 
+def report() -> None:
+    from fuzz.targets import TARGETS
+
+    results = _load()
+    print("| target | entry point | inputs tried | inputs/s | long-run findings |")
+    print("|--------|-------------|-------------:|---------:|-------------------|")
+    for name, t in TARGETS.items():
+        r = results.get(name, {})
+        found = ", ".join(r.get("findings", []) or []) or "none"  # type: ignore[arg-type]
+        if r.get("fatal"):
+            found += f"; stopped: {r['fatal']}"
+        print(f"| {name} | `{t.entry}` | {int(r.get('inputs', 0)):,} | "  # type: ignore[call-overload]
+              f"{r.get('inputs_per_s', '-')} | {found} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--inputs", type=int, default=1_000_000, help="inputs per target")
@@ -143,8 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=10, help="seconds one input may take")
     ap.add_argument("--rss-limit-mb", type=int, default=2048)
     ap.add_argument("--fresh", action="store_true", help="ignore results.json (no resume)")
+    ap.add_argument("--report", action="store_true",
+                    help="print results.json as the markdown table of docs/reliability.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.report:
+        report()
+        return 0
     if a.worker:
         worker(a.worker, a.inputs, a.max_seconds, a.timeout, a.rss_limit_mb)
         return 0

@@ -57,4 +57,6 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            cp.spiffe_id, cp.spiffe_seeds, 512),
     Target("waypoint_l7", "waypoint.l7.build_config + route / authorize / admit / pick_backend",
            wp.waypoint_l7, wp.waypoint_seeds),
+    Target("waypoint_h1", "waypoint.h1.serve_h1 (downstream HTTP/1.1)",
+           wp.waypoint_h1, wp.waypoint_h1_seeds),
 ]}

@@ -3,16 +3,20 @@ AuthorizationPolicy objects, then ``route`` / ``authorize`` / ``admit`` / ``pick
 ``normalize_path`` over fuzzed requests.  ``build_config`` promises to report bad objects as
 problems (an "internal error" problem is a bug it swallowed), the decisions never to raise.
 
-Not covered here: the HTTP/1.1 and HTTP/2 wire parsers of the waypoint (``waypoint/h1.py``,
-``waypoint/h2conn.py``), which are asyncio code over h11/h2 with no sans-I/O entry point.
+``waypoint_h1`` drives the downstream HTTP/1.1 server (``serve_h1``) over an in-memory
+stream: whatever bytes arrive, it returns (no exception, no hang) and writes only HTTP/1.1
+responses.  Not covered: the waypoint's HTTP/2 codec (``waypoint/h2conn.py``), asyncio code
+over h2 whose frame parsing is the same h2 the HBONE targets exercise.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from typing import Any
 
 from fuzz.bytesource import ByteSource, json_like
+from waypoint.h1 import Limits, serve_h1
 from waypoint.l7 import (
     Destination,
     RateLimiters,
@@ -26,6 +30,7 @@ from waypoint.l7 import (
     pick_backend,
     route,
 )
+from waypoint.message import HttpRequest, HttpResponse
 
 BASE: dict[str, dict[str, Any]] = {
     "Namespace//app": {"apiVersion": "v1", "kind": "Namespace", "metadata": {
@@ -106,3 +111,47 @@ def waypoint_l7(data: bytes) -> None:
 
 def waypoint_seeds() -> list[bytes]:
     return [b"\x00\x01" + b"\x00" * 40, b"\x01\x03\x05\x07" + b"\x01" * 60]
+
+
+class _Stream:
+    """An in-memory tunnel: yields the input in chunks, then EOF; records what is written."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.out = bytearray()
+
+    async def read(self) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+    async def write(self, data: bytes) -> None:
+        self.out += data
+
+    def write_eof(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.chunks.clear()
+
+
+async def _echo(req: HttpRequest) -> HttpResponse:
+    body = await req.body.read_all(1 << 20)
+    return HttpResponse.local(200, f"{req.method} {req.target} {len(body)}")
+
+
+def waypoint_h1(data: bytes) -> None:
+    """``serve_h1`` over fuzzed request bytes (split at fuzzed points)."""
+    src = ByteSource(data)
+    step = src.choice((1, 5, 64, 4096, 1 << 20))
+    raw = src.rest()
+    stream = _Stream([raw[i : i + step] for i in range(0, len(raw), step)])
+    limits = Limits(max_head=4096, header_timeout=5.0, idle_timeout=5.0)
+    asyncio.run(asyncio.wait_for(serve_h1(stream, _echo, limits=limits), 30))
+    assert not stream.out or stream.out.startswith(b"HTTP/1.1 "), bytes(stream.out[:40])
+
+
+def waypoint_h1_seeds() -> list[bytes]:
+    return [b"\x03GET /a?b=c HTTP/1.1\r\nHost: web\r\n\r\n",
+            b"\x02POST / HTTP/1.1\r\nHost: w\r\nContent-Length: 3\r\n\r\nabc"
+            b"GET /2 HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n",
+            b"\x04PUT / HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n"]

@@ -214,3 +214,24 @@ def test_checkpoint_corrupt_or_foreign_is_ignored(tmp_path: Path) -> None:
     save_checkpoint(str(p), [])
     assert load_checkpoint(str(p)) == []
     assert load_checkpoint(str(tmp_path / "missing")) == []
+
+
+def test_retry_loop_forgets_a_pod_whose_netns_vanished(tmp_path: Path, netns_file: str) -> None:
+    """A netns deleted without CNI DEL (runtime crash, `ip netns del`) is noticed by the retry
+    loop alone, with no cluster event: ztunnel is told (ZDS Del) and the pod forgotten."""
+    async def go() -> None:
+        agent, _, zds = make_agent(tmp_path, retry_interval_s=0.01)
+        agent.on_update(update(ns_obj("default", True), pod_obj("a")))
+        assert (await agent.handle_event(add_event("a", netns_file))).enrolled
+        await asyncio.sleep(0.05)  # let on_update's reconcile finish: no event follows
+        os.unlink(netns_file)
+        loop = asyncio.create_task(agent.retry_loop())
+        try:
+            for _ in range(200):
+                if not agent.pods:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            loop.cancel()
+        assert agent.pods == {} and ("del", "u-a") in zds.calls
+    run(go())
