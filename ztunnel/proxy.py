@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,9 @@ log = logging.getLogger("ztunnel.proxy")
 OUTBOUND_PORT = 15001
 INBOUND_PLAINTEXT_PORT = 15006
 INBOUND_HBONE_PORT = 15008
+# How long a connection of a served pod waits for the pod's configuration before failing
+# closed (see Ztunnel._pod_workload).
+WORKLOAD_WAIT_S = 5.0
 STREAM_LIMIT = 1024 * 1024  # asyncio stream buffer; reads pause above twice this
 
 
@@ -367,6 +371,15 @@ class Ztunnel:
             result.close(error="closed by ztunnel: drain deadline reached or pod removed",
                          response_flags=ResponseFlags.CONNECT)
 
+    async def _pod_workload(self, pod: PodProxy) -> Workload | None:
+        """The pod's Workload.  A pod can be served before its configuration arrives (a new
+        pod's first connection, or a restarted ztunnel sharing the listeners with SO_REUSEPORT
+        before its first xDS sync): wait for it, bounded, then fail closed."""
+        deadline = time.monotonic() + WORKLOAD_WAIT_S
+        while (wl := pod.workload(self.store.snapshot)) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return wl
+
     # -- outbound (15001) -----------------------------------------------------------------
 
     async def _outbound(
@@ -380,8 +393,8 @@ class Ztunnel:
             log.warning("outbound connection from %s has no original destination; closing", peer)
             writer.transport.abort()
             return
+        src = await self._pod_workload(pod)
         state = self.store.snapshot
-        src = pod.workload(state)
         if src is None:
             # Fail closed: without knowing who the pod is we cannot prove its identity.
             log.warning(
@@ -478,8 +491,8 @@ class Ztunnel:
         except OSError:
             writer.transport.abort()
             return
+        wl = await self._pod_workload(pod)
         state = self.store.snapshot
-        wl = pod.workload(state)
         src_wl = state.workload_by_address(self.settings.network, peer[0])
         result = self._result(
             reporter="destination", src=peer, dst=dst, src_workload=src_wl, dst_workload=wl,
@@ -524,7 +537,7 @@ class Ztunnel:
             task.add_done_callback(pod.conn_tasks.discard)
 
     async def _serve_hbone(self, pod: PodProxy, sock: socket.socket) -> None:
-        wl = pod.workload(self.store.snapshot)
+        wl = await self._pod_workload(pod)
         if wl is None:
             log.warning("HBONE to pod %s/%s, which is not in the mesh configuration; closing",
                         pod.namespace, pod.name)

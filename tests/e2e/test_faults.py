@@ -140,8 +140,6 @@ def wait_served(mesh: LocalMesh, name: str) -> None:
             w.get("name") == name and w.get("protocol") == "HBONE"
             for w in mesh.config_dump(n)["workloads"]), timeout=30), node
     r = demo.probe(mesh, "shop/frontend", pod.ip, 8080)
-    if not r.ok:
-        Path("/tmp/h8c_fail.txt").write_text(mesh.log_path(pod.node).read_text()[-3000:] + "\n=====\n" + mesh.log_path("node-a").read_text()[-3000:])
     assert r.ok, r
 
 
@@ -303,13 +301,13 @@ def test_ca_unavailable_during_rotation_keeps_the_old_certificate(mesh: LocalMes
 
 
 def test_rolling_restarts_under_load_fail_no_new_connection(mesh: LocalMesh) -> None:
-    """A client app in frontend opens ~20 new connections per second to backend-1 (other
+    """A client app in frontend opens ~25 new connections per second to backend-1 (other
     node) for the whole episode: node-a's ztunnel (source) is replaced twice in a row, then
     node-b's (destination) twice.  Not one connection may fail."""
     fe, be = mesh.pods["shop/frontend"], mesh.pods["shop/backend-1"]
     stop = mesh.run_dir / f"stop-load-{secrets.token_hex(3)}"
     proc, log = start_pod_app(mesh, "shop/frontend", [
-        "load", "--host", be.ip, "--port", "8080", "--rate", "20", "--seconds", "280",
+        "load", "--host", be.ip, "--port", "8080", "--rate", "25", "--seconds", "280",
         "--stop-file", str(stop)], "load")
 
     offsets = {n: log_size(mesh.log_path(n)) for n in mesh.ztunnels}
@@ -323,14 +321,13 @@ def test_rolling_restarts_under_load_fail_no_new_connection(mesh: LocalMesh) -> 
         for node in (fe.node, fe.node, be.node, be.node):
             mesh.restart_ztunnel(node)
             base = progressed()
-            assert wait_for(lambda b=base: progressed() >= b + 20, timeout=30)
+            assert wait_for(lambda b=base: progressed() >= b + 60, timeout=30)
     finally:
         stop.touch()
         assert proc.popen is not None
         proc.popen.wait(timeout=60)
         stop.unlink(missing_ok=True)
     result = load_result(log)
-    print("LOADLOG", app_log(log))
     assert result is not None, app_log(log)[-5:]
     report(test="rolling restart x4 under load", connections=result["ok"] + result["failed"],
            failed=result["failed"], seconds=result["seconds"])
