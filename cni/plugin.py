@@ -283,7 +283,8 @@ def convert_result(result: dict[str, Any], to_version: str) -> dict[str, Any]:
 def result_ips(result: dict[str, Any] | None) -> list[str]:
     """Pod addresses (without prefix length) from a prevResult, in order."""
     out: list[str] = []
-    for ipc in (result or {}).get("ips") or []:
+    ips = (result or {}).get("ips")
+    for ipc in ips if isinstance(ips, list) else []:  # prevResult is the runtime's JSON
         if isinstance(ipc, dict) and isinstance(ipc.get("address"), str):
             out.append(ipc["address"].split("/")[0])
     return out
@@ -292,7 +293,8 @@ def result_ips(result: dict[str, Any] | None) -> list[str]:
 def result_interfaces(result: dict[str, Any] | None, ifname: str) -> list[str]:
     """The pod-side interfaces (those with a ``sandbox``) from a prevResult; else ``ifname``."""
     out: list[str] = []
-    for itf in (result or {}).get("interfaces") or []:
+    itfs = (result or {}).get("interfaces")
+    for itf in itfs if isinstance(itfs, list) else []:
         if isinstance(itf, dict) and itf.get("sandbox") and isinstance(itf.get("name"), str):
             out.append(itf["name"])
     if not out and ifname:

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="time bound for the whole run (each target gets a fair share)")
     ap.add_argument("--timeout", type=int, default=10, help="seconds one input may take")
     ap.add_argument("--rss-limit-mb", type=int, default=2048)
-    ap.add_argument("--fresh", action="store_true", help="ignore results.json (no resume)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start the selected targets over instead of resuming them")
     ap.add_argument("--report", action="store_true",
                     help="print results.json as the markdown table of docs/reliability.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -175,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown targets {sorted(unknown)}; known: {', '.join(TARGETS)}")
         return 2
-    results = {} if a.fresh else _load()
+    results = _load()
+    if a.fresh:  # start the selected targets over (the others' records stay)
+        for n in names:
+            results.pop(n, None)
     todo = []
     for n in names:
         prev = results.get(n, {})

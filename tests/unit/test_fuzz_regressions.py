@@ -348,3 +348,23 @@ def test_waypoint_oversized_head_in_one_read_gets_431() -> None:
     stream = _Stream([b"GET / HTTP/1.1\r\nHost: w\r\nx-big: " + b"a" * 10_000 + b"\r\n\r\n"])
     asyncio.run(serve_h1(stream, _echo, limits=Limits(max_head=4096)))
     assert stream.out.startswith(b"HTTP/1.1 431 ")
+
+
+@pytest.mark.parametrize("field", ["ips", "interfaces"])
+@pytest.mark.parametrize("command", ["ADD", "DEL"])
+def test_cni_prev_result_lists_that_are_not_lists(field: str, command: str) -> None:
+    """cni_plugin (atheris): ``prevResult.ips`` / ``.interfaces`` as a number raised
+    TypeError while the event for the agent was built."""
+    stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "ambient-cni",
+                        "prevResult": {"cniVersion": "1.0.0", field: 1}}).encode()
+    env = {**ENV, "CNI_COMMAND": command,
+           "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web"}
+    sent: list[events.PluginEvent] = []
+
+    def send(event: events.PluginEvent) -> events.AgentReply:
+        sent.append(event)
+        return events.AgentReply(ok=True)
+
+    code, _ = plugin.run(env, stdin, send, io.StringIO())
+    assert code == 0
+    assert sent[0].ips == [] and sent[0].interfaces == ["eth0"]
