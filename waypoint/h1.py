@@ -140,6 +140,9 @@ async def serve_h1(
                 return served
             if not isinstance(ev, h11.Request):
                 return served
+            if _head_size(ev) > limits.max_head:  # h11 bounds only heads still incomplete
+                await _send_error(stream, conn, 431, "request head too large")
+                return served
             served += 1
             keep = await _serve_one(stream, conn, reader, ev, handler, limits)
             if not keep:
@@ -148,6 +151,12 @@ async def serve_h1(
     finally:
         with contextlib.suppress(Exception):
             stream.write_eof()
+
+
+def _head_size(ev: h11.Request) -> int:
+    """Bytes of the request head as sent (method, target, version, header lines, blank)."""
+    return (len(ev.method) + len(ev.target) + 12
+            + sum(len(k) + len(v) + 4 for k, v in ev.headers.raw_items()) + 2)
 
 
 async def _send_error(stream: ByteStream, conn: h11.Connection, status: int, text: str) -> None:

@@ -108,6 +108,11 @@ class Settings:
     pool_max_streams: int = 100
     pool_unused_release_s: float = 300.0
     connect_timeout_s: float = 10.0
+    # Bounds on slow or silent HBONE peers on 15008 (ambient.hbone.aio): TLS + HTTP/2 preface
+    # from the accept; a stream idle either way (0 = never) is reset, an unused connection
+    # closed.  1h is Envoy's TCP proxy idle timeout, which sidecar users already live with.
+    hbone_handshake_timeout_s: float = 15.0
+    hbone_idle_timeout_s: float = 3600.0
     # Lifecycle and logging.
     termination_deadline_s: float = 5.0
     log_level: str = "info"
@@ -275,6 +280,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ),
         pool_max_streams=_int(env, "POOL_MAX_STREAMS_PER_CONNECTION", 100, minimum=1),
         pool_unused_release_s=_number(env, "POOL_UNUSED_RELEASE_TIMEOUT", 300.0),
+        hbone_handshake_timeout_s=_number(env, "HBONE_HANDSHAKE_TIMEOUT", 15.0, minimum=0.001),
+        hbone_idle_timeout_s=_number(env, "HBONE_IDLE_TIMEOUT", 3600.0),
         termination_deadline_s=termination_deadline(env),
         log_level=level,
         log_format=fmt,

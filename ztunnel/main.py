@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import sys
 from datetime import timedelta
@@ -170,6 +171,21 @@ async def run(settings: Settings) -> int:
     return 0
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Lift RLIMIT_NOFILE's soft limit to the hard one: every proxied connection holds two
+    or more descriptors, and the usual soft default (1024) would cap ztunnel near 500
+    connections.  Returns the (soft, hard) limits now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, want, e)
+    return soft, hard
+
+
 def main() -> int:
     try:
         settings = from_env()
@@ -177,6 +193,10 @@ def main() -> int:
         print(f"ztunnel: bad configuration: {e}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    soft, _ = raise_fd_limit()
+    if soft < 4096:
+        log.warning("open-file limit is %d: ztunnel can proxy only about %d connections; "
+                    "raise the hard limit (ulimit -Hn, LimitNOFILE=)", soft, soft // 2)
     use_bpf_pin_dir(settings.bpf_pin_dir)
     try:
         import uvloop

@@ -555,7 +555,9 @@ class Ztunnel:
 
         try:
             await serve_hbone(sock, ctx, handler, trust_domain=self.settings.trust_domain,
-                              settings=self.settings.hbone)
+                              settings=self.settings.hbone,
+                              handshake_timeout=self.settings.hbone_handshake_timeout_s,
+                              idle_timeout=self.settings.hbone_idle_timeout_s)
         except asyncio.CancelledError:
             raise  # serve_hbone aborted the connection
         except Exception as e:  # handshake or identity failure: the peer gets a TLS alert

@@ -14,6 +14,11 @@ Invariants:
   onwards), and ``write`` waits for HTTP/2 window and for the transport to drain.
 * Writes are coalesced: the connection flushes once per event-loop iteration, not per call.
 * When the connection dies, every stream is failed (readers and writers wake with an error).
+* Server side, nothing waits on a peer forever: TLS and the client's HTTP/2 preface must
+  arrive within ``handshake_timeout`` of the accept; with ``idle_timeout``, a stream that
+  moved no byte either way (for example, stuck behind a peer's zero window) for between one
+  and two ``idle_timeout`` is reset, and a connection without streams for as long gets
+  GOAWAY. Keepalive PINGs close a peer that stops answering.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024  # TCP-side read size in relay
 _TRANSPORT_HIGH_WATER = 4 * 1024 * 1024
+HANDSHAKE_TIMEOUT = 15.0  # server: TLS + the client's HTTP/2 preface, from the accept
+_PREFACE_LEN = 24 + 9  # client magic + one frame header (its SETTINGS)
 
 
 class StreamResetError(HboneError, ConnectionResetError):
@@ -100,6 +107,7 @@ class HboneStream:
         "_conn", "stream_id", "request", "response_headers", "_chunks", "_eof", "_error",
         "_unacked", "_pending_ack", "_read_waiter", "_write_waiter", "_local_done",
         "_remote_done", "_finished", "_response", "_consumer", "_hold_acks",
+        "_activity", "_swept",
     )
 
     def __init__(self, conn: HboneConnection, stream_id: int,
@@ -121,6 +129,8 @@ class HboneStream:
         self._response: asyncio.Future[ConnectResponse] | None = None
         self._consumer: StreamConsumer | None = None
         self._hold_acks = False
+        self._activity = 0  # bumped per chunk each way; the idle sweep compares snapshots
+        self._swept = -1
 
     # -- public ---------------------------------------------------------------------------
 
@@ -164,6 +174,7 @@ class HboneStream:
             self._conn.proto.send_data(self.stream_id, data)
         except StreamGone as e:
             raise StreamResetError(str(e)) from None
+        self._activity += 1
         self._conn._schedule_flush()
         conn = self._conn
         while self._error is None and (conn.proto.buffered(self.stream_id) or conn._paused):
@@ -189,6 +200,7 @@ class HboneStream:
             self._conn.proto.send_data(self.stream_id, data)
         except StreamGone as e:
             raise StreamResetError(str(e)) from None
+        self._activity += 1
         self._conn._schedule_flush()
         return self.writable
 
@@ -260,6 +272,7 @@ class HboneStream:
             self._conn._schedule_flush()
 
     def _feed(self, data: bytes, n: int) -> None:
+        self._activity += 1
         consumer = self._consumer
         if consumer is not None:
             self._pending_ack += n
@@ -393,6 +406,8 @@ class HboneConnection(asyncio.Protocol):
         trust_domain: str,
         expected: Iterable[SpiffeId] | None = None,
         handler: Handler | None = None,
+        handshake_deadline: float | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         self.proto = proto
         self.trust_domain = trust_domain
@@ -413,6 +428,12 @@ class HboneConnection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.on_idle: Callable[[HboneConnection], None] | None = None
+        # Bounds on a slow or silent peer (server side; see the module docstring).
+        self._handshake_deadline = handshake_deadline
+        self._idle_timeout = idle_timeout or None
+        self._received = 0  # bytes from the peer, until its preface is in
+        self._guard: asyncio.TimerHandle | None = None
+        self._quiet_since = self._loop.time()
 
     @property
     def proto_server(self) -> HboneServerProtocol:
@@ -458,9 +479,15 @@ class HboneConnection(asyncio.Protocol):
         self.proto.initiate()
         self._flush()
         self._arm_timer()
+        if self._handshake_deadline is not None:
+            self._guard = self._loop.call_at(self._handshake_deadline, self._check_preface)
+        elif self._idle_timeout is not None:
+            self._guard = self._loop.call_later(self._idle_timeout, self._sweep_idle)
         self.ready.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self._received < _PREFACE_LEN:
+            self._received += len(data)
         try:
             events = self.proto.receive_data(data, self._loop.time())
         except HboneProtocolError as e:
@@ -631,10 +658,54 @@ class HboneConnection(asyncio.Protocol):
             return
         self._arm_timer()
 
+    def _check_preface(self) -> None:
+        """The handshake deadline passed: the peer must have sent its HTTP/2 preface."""
+        self._guard = None
+        if self.closed.done():
+            return
+        if self._received < _PREFACE_LEN:
+            log.info("HBONE peer %s sent no HTTP/2 preface within the handshake timeout; "
+                     "closing", self.peer_address)
+            self._shutdown(StreamResetError("no HTTP/2 preface within the handshake timeout"))
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        if self._idle_timeout is not None:
+            self._guard = self._loop.call_later(self._idle_timeout, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """Reset streams that moved no byte since the last sweep; close an unused connection."""
+        self._guard = None
+        if self.closed.done() or self._idle_timeout is None:
+            return
+        now = self._loop.time()
+        for stream in list(self.streams.values()):
+            if stream._activity == stream._swept:
+                log.info("HBONE stream %d from %s idle for over %gs; resetting",
+                         stream.stream_id, self.peer_address, self._idle_timeout)
+                stream.abort(ErrorCode.CANCEL)
+            else:
+                stream._swept = stream._activity
+        if self.streams:
+            self._quiet_since = now
+        elif self.idle_since is not None:
+            self._quiet_since = max(self._quiet_since, self.idle_since)
+        if not self.streams and now - self._quiet_since >= self._idle_timeout:
+            log.info("HBONE connection from %s unused for %gs; closing",
+                     self.peer_address, self._idle_timeout)
+            self.close()
+            if self._transport is not None and self._transport.get_write_buffer_size():
+                self._transport.abort()  # a peer that stopped reading would hold it open
+            return
+        self._guard = self._loop.call_later(self._idle_timeout, self._sweep_idle)
+
     def _shutdown(self, exc: BaseException) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._guard is not None:
+            self._guard.cancel()
+            self._guard = None
         for stream in list(self.streams.values()):
             stream._fail(exc)
         if not self.ready.done():
@@ -675,13 +746,17 @@ def _status_message(status: int, authority: str) -> str:
 
 def _server_factory(
     ssl_ctx: ssl.SSLContext, handler: Handler, trust_domain: str,
-    settings: HboneSettings | None,
+    settings: HboneSettings | None, handshake_timeout: float | None = None,
+    idle_timeout: float | None = None,
 ) -> Callable[[], HboneConnection]:
     del ssl_ctx
+    loop = asyncio.get_running_loop()
 
     def factory() -> HboneConnection:
+        deadline = loop.time() + handshake_timeout if handshake_timeout else None
         return HboneConnection(HboneServerProtocol(settings), trust_domain=trust_domain,
-                               handler=handler)
+                               handler=handler, handshake_deadline=deadline,
+                               idle_timeout=idle_timeout)
 
     return factory
 
@@ -695,13 +770,20 @@ async def start_hbone_server(
     port: int = 0,
     sock: socket.socket | None = None,
     settings: HboneSettings | None = None,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    idle_timeout: float | None = None,
 ) -> asyncio.Server:
-    """Listen for HBONE (host/port, or an already bound listening ``sock``)."""
+    """Listen for HBONE (host/port, or an already bound listening ``sock``).
+
+    ``handshake_timeout`` bounds TLS plus the client's HTTP/2 preface; ``idle_timeout``
+    (off when None or 0) resets streams and closes connections that stay idle."""
     loop = asyncio.get_running_loop()
-    factory = _server_factory(ssl_ctx, handler, trust_domain, settings)
+    factory = _server_factory(ssl_ctx, handler, trust_domain, settings, handshake_timeout,
+                              idle_timeout)
+    hs = handshake_timeout or None
     if sock is not None:
-        return await loop.create_server(factory, sock=sock, ssl=ssl_ctx)
-    return await loop.create_server(factory, host, port, ssl=ssl_ctx)
+        return await loop.create_server(factory, sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=hs)
+    return await loop.create_server(factory, host, port, ssl=ssl_ctx, ssl_handshake_timeout=hs)
 
 
 async def serve_hbone(
@@ -711,10 +793,16 @@ async def serve_hbone(
     *,
     trust_domain: str,
     settings: HboneSettings | None = None,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    idle_timeout: float | None = None,
 ) -> HboneConnection:
-    """Serve one accepted TCP socket (TLS handshake included) until the connection closes."""
+    """Serve one accepted TCP socket (TLS handshake included) until the connection closes.
+
+    Timeouts as for ``start_hbone_server``; a handshake that runs out raises
+    ``ConnectionAbortedError`` (the socket is closed)."""
     loop = asyncio.get_running_loop()
-    factory = _server_factory(ssl_ctx, handler, trust_domain, settings)
+    factory = _server_factory(ssl_ctx, handler, trust_domain, settings, handshake_timeout,
+                              idle_timeout)
     made: list[HboneConnection] = []
 
     def recording_factory() -> HboneConnection:
@@ -723,7 +811,8 @@ async def serve_hbone(
 
     # uvloop returns its SSLProtocol here rather than ours: keep the one the factory built.
     try:
-        await loop.connect_accepted_socket(recording_factory, sock, ssl=ssl_ctx)
+        await loop.connect_accepted_socket(recording_factory, sock, ssl=ssl_ctx,
+                                           ssl_handshake_timeout=handshake_timeout or None)
         await made[0].closed
     except asyncio.CancelledError:
         # The transport owns the socket: abort the connection (closing the fd under a live

@@ -47,6 +47,8 @@ import h2.settings
 import h2.stream
 import hyperframe.frame
 
+from .rxframes import FAST_RECV, DataChunk, InboundFramer
+
 __all__ = [
     "CONNECTION_WINDOW",
     "HBONE_PORT",
@@ -448,6 +450,9 @@ class _HboneConnection:
         self._ping_payload = b""
         self._initiated = False
         self._out: list[bytes | memoryview] = []  # frames framed here, in order with h2's
+        # Bulk DATA payloads are parsed by rxframes (no h2 frame objects); the rest by h2.
+        self._rx = (InboundFramer(self._h2, server=not self.client_side, discard=self._discard)
+                    if FAST_RECV else None)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -700,14 +705,21 @@ class _HboneConnection:
         if now is not None:
             self._last_received = now
         try:
-            h2_events = self._h2.receive_data(data)
+            items = self._rx.feed(data) if self._rx is not None else self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             self._closed = True
             code = int(getattr(e, "error_code", ErrorCode.PROTOCOL_ERROR))
             raise HboneProtocolError(f"peer broke HTTP/2: {e}", code) from None
         events: list[HboneEvent] = []
-        for ev in h2_events:
-            self._translate(ev, events)
+        discard = self._discard
+        for ev in items:
+            if type(ev) is DataChunk:
+                if ev.stream_id in discard:  # reset by us while the frame was arriving
+                    self.acknowledge_received_data(ev.stream_id, ev.n)
+                else:
+                    events.append(StreamData(ev.stream_id, ev.data, ev.n))
+            else:
+                self._translate(ev, events)  # type: ignore[arg-type]
         return events
 
     def _translate(self, ev: h2.events.Event, out: list[HboneEvent]) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -47,6 +48,7 @@ from ambient.netns import netns_path, socket_in_netns  # noqa: E402
 SCRIPT = str(Path(__file__).resolve())
 ETH_P_ALL = 0x0003
 NSENTER = "/usr/bin/nsenter"
+COUNTERS = re.compile(r"counter packets \d+ bytes \d+")  # nft shows iptables-nft's counters
 
 
 # ------------------------------------------------------------------------ pod applications
@@ -249,8 +251,8 @@ def _tcp_ports(frame: bytes) -> tuple[int, int] | None:
 
 
 def capture_rules(netns: str) -> str:
-    """The capture state of a pod netns as comparable text: ``iptables-save`` (counters and
-    comments dropped), ``nft list ruleset``, ``ip rule`` and every routing table."""
+    """The capture state of a pod netns as comparable text: ``iptables-save`` and ``nft list
+    ruleset`` (counters and comments dropped), ``ip rule`` and every routing table."""
     path = netns_path(netns)
     parts = []
     for argv in (["/usr/sbin/iptables-save"], ["/usr/sbin/nft", "list", "ruleset"],
@@ -260,7 +262,7 @@ def capture_rules(netns: str) -> str:
                            text=True, timeout=30, check=False)
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} in {netns}: {p.stderr.strip()}")
-        lines = [ln.split(" [", 1)[0] if ln.startswith(":") else ln
+        lines = [COUNTERS.sub("counter", ln.split(" [", 1)[0] if ln.startswith(":") else ln)
                  for ln in p.stdout.splitlines() if not ln.startswith("#")]
         parts.append(f"== {' '.join(argv)}\n" + "\n".join(lines))
     return "\n".join(parts)

@@ -139,8 +139,9 @@ def wait_served(mesh: LocalMesh, name: str) -> None:
         assert wait_for(lambda n=node: any(
             w.get("name") == name and w.get("protocol") == "HBONE"
             for w in mesh.config_dump(n)["workloads"]), timeout=30), node
+    offsets = {n: log_size(mesh.log_path(n)) for n in mesh.ztunnels}
     r = demo.probe(mesh, "shop/frontend", pod.ip, 8080)
-    assert r.ok, r
+    assert r.ok, (r, {n: log_since(mesh.log_path(n), off)[-2000:] for n, off in offsets.items()})
 
 
 def ready(mesh: LocalMesh, node: str) -> bool:

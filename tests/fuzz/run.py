@@ -34,7 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-RESULTS = HERE / "results.json"
+RESULTS = Path(os.environ.get("FUZZ_RESULTS", HERE / "results.json"))
 CORPUS = HERE / "corpus"
 FINDINGS = HERE / "findings"
 LOGS = HERE / "logs"
@@ -206,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
                           "seconds": round(secs, 1), "inputs_per_s": round(total / secs) if secs
                           else 0, "findings": findings, "fatal": r["fatal"],
                           "corpus": r["corpus"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+            on_disk = _load()  # another run may have recorded other targets meanwhile
+            on_disk[n] = results[n]
+            RESULTS.write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n")
             print(f"{n:16} {total:>9,} inputs in {secs:8.0f}s ({results[n]['inputs_per_s']:>6}/s)"
                   f"  findings: {', '.join(findings) or 'none'}"
                   + (f"  FATAL: {r['fatal']}" if r["fatal"] else ""), flush=True)
     total_s = time.monotonic() - t0
-    print(f"total wall time {total_s:.0f}s; results in {RESULTS.relative_to(ROOT)}")
+    print(f"total wall time {total_s:.0f}s; results in {RESULTS}")
     short = [n for n in names if int(results.get(n, {}).get("inputs", 0)) < a.inputs]
     bad = [n for n in names
            if results.get(n, {}).get("findings") or results.get(n, {}).get("fatal")]

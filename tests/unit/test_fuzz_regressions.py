@@ -296,12 +296,14 @@ def test_cni_parameters_that_are_not_utf8(env: dict[str, str], conf: dict[str, o
         events.encode_frame(events.AgentReply(ok=False, message="\udcff"))
 
 
-@pytest.mark.xfail(strict=True, reason="h2 reads a head starting with ':status: 1xx' as an "
+@pytest.mark.xfail(strict=True, reason="h2 reads a head with ':status: 1xx' among its leading "
+                   "pseudo-headers as an "
                    "informational response and fails the whole connection; only the sending "
                    "peer's own connection is affected (reported, not fixed: needs h2 internals)")
 def test_request_head_starting_with_an_informational_status() -> None:
-    """test_fuzz_hbone: a request head whose first field is ``:status: 100`` (with or
-    without END_STREAM) should be reset on its stream like any malformed request."""
+    """test_fuzz_hbone: a request head with a ``:status`` starting with 1 among its leading
+    pseudo-headers (with or without END_STREAM) should be reset on its stream like any
+    malformed request; h2 fails the whole connection."""
     srv = _server()
     f = hf.HeadersFrame(1, data=hpack.Encoder().encode([(":status", "100"),
                                                         (":method", "CONNECT")]))
@@ -333,9 +335,6 @@ def test_xds_subscriptions_are_bounded_per_stream() -> None:
     assert len(s.types[ADDRESS_TYPE_URL].names) <= MAX_SUBSCRIBED_NAMES + batch
 
 
-@pytest.mark.xfail(strict=True, reason="waypoint/h1.py (another helper's area): h11 bounds only "
-                   "*incomplete* heads, so a head over max_head that arrives in one read is "
-                   "served; reported to the lead")
 def test_waypoint_oversized_head_in_one_read_gets_431() -> None:
     """waypoint_h1: serve_h1 documents 'request heads are bounded (MAX_HEAD; over it the
     client gets 431)'; a 10 KB head delivered whole with max_head=4096 got a 200."""
