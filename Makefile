@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PROTOS := $(shell find ambient/api -name '*.proto' 2>/dev/null)
 
-.PHONY: bootstrap demo test proto lint down clean bench bench-controlplane manifests fuzz
+.PHONY: bootstrap demo test proto lint down clean bench bench-controlplane manifests fuzz soak
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -41,6 +41,12 @@ bench-controlplane: bootstrap
 fuzz: bootstrap
 	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q 'atheris>=2.3'
 	$(PY) tests/fuzz/run.py $(FUZZ_ARGS)
+
+# The long load and soak run (tests/soak/run.py): 10k concurrent connections through one
+# ztunnel, 1k new connections/s for 60 s, slow HBONE peers; writes tests/soak/results.json.
+# SOAK_ARGS="--connections 2000 --seconds 20" etc.; the short versions run in `make test`.
+soak: bootstrap
+	$(PY) -m tests.soak.run $(SOAK_ARGS)
 
 lint: bootstrap
 	$(PY) -m ruff check .

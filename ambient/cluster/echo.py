@@ -82,6 +82,9 @@ async def _handle_http(name: str, reader: asyncio.StreamReader,
             close = (headers.get("connection", "").lower() == "close"
                      or version == "HTTP/1.0")
             status, body = _http_answer(name, peer[0], method, path, headers)
+            delay = re.search(r"[?&]delay_ms=(\d{1,5})\b", path)
+            if delay:  # a slow backend, for timeout tests
+                await asyncio.sleep(int(delay[1]) / 1000)
             writer.write(
                 f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nx-pod: {name}\r\n"
@@ -99,18 +102,22 @@ async def _handle_http(name: str, reader: asyncio.StreamReader,
 def _http_answer(name: str, client: str, method: str, target: str,
                  headers: dict[str, str]) -> tuple[str, bytes]:
     """(status line, JSON body) for one request: ``/status/<code>`` answers ``<code>``;
-    everything else 200.  The body echoes what the app saw (for L7 tests)."""
+    everything else 200 (``?delay_ms=N`` answers N ms late).  The body echoes what the app
+    saw and how many requests it has served (for L7 tests)."""
+    global _served
+    _served += 1
     code = 200
     m = re.fullmatch(r"/status/(\d{3})", target.partition("?")[0])
     if m and 200 <= int(m[1]) <= 599:
         code = int(m[1])
     body = json.dumps({"pod": name, "client": client, "path": target, "method": method,
-                       "headers": headers}).encode()
+                       "headers": headers, "served": _served}).encode()
     if code in (204, 304):
         body = b""  # these responses have no body
     return f"{code} {_REASONS.get(code, 'Status')}", body
 
 
+_served = 0  # HTTP requests this echo app has answered
 _REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
             404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
             502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}

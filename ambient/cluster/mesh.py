@@ -56,6 +56,7 @@ class LocalMesh:
     run_root: Path = Path("/run/ambient")
     capture: str = "auto"  # iptables | nftables | ebpf | auto (eBPF where the kernel allows)
     ztunnel_env: dict[str, str] = field(default_factory=dict)
+    waypoint_extra_env: dict[str, str] = field(default_factory=dict)  # e.g. WAYPOINT_FILTERS
     cluster: LocalCluster | None = None
     objects: list[dict[str, Any]] = field(default_factory=list)
     pods: dict[str, PodHandle] = field(default_factory=dict)  # "ns/name" -> handle
@@ -277,7 +278,7 @@ class LocalMesh:
             "CA_ADDRESS": cp, "CA_ROOT_CA": str(self.run_dir / "ca" / "root-cert.pem"),
             "ALT_CA_HOSTNAME": ISTIOD_HOST,
             "AUTH_TOKEN": str(self.run_dir / "tokens" / f"waypoint.{pod.namespace}.{pod.name}"),
-            "RUST_LOG": "info", **_env(),
+            "RUST_LOG": "info", **_env(), **self.waypoint_extra_env,
         }
 
     def start_waypoint(self, key: str, timeout: float = ZTUNNEL_READY_TIMEOUT) -> Any:

@@ -27,7 +27,6 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -116,7 +115,7 @@ class HboneStream:
         self.stream_id = stream_id
         self.request = request
         self.response_headers: dict[str, str] = {}
-        self._chunks: deque[bytes] = deque()
+        self._chunks: list[bytes] = []  # a list: 56 bytes empty, a deque ~600 (per stream)
         self._unacked = 0  # flow-controlled bytes queued in _chunks
         self._pending_ack = 0  # handed to the reader, acked on its next read
         self._eof = False
@@ -159,7 +158,7 @@ class HboneStream:
             finally:
                 self._read_waiter = None
         chunks = self._chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._pending_ack, self._unacked = self._unacked, 0
         return data
@@ -218,8 +217,9 @@ class HboneStream:
         """
         self._consumer = consumer
         self._ack()
-        while self._chunks:
-            consumer.stream_data(self._chunks.popleft())
+        queued, self._chunks = self._chunks, []
+        for chunk in queued:
+            consumer.stream_data(chunk)
         self._pending_ack, self._unacked = self._unacked, 0
         if not self._hold_acks:
             self._ack()

@@ -25,12 +25,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from typing import Any, cast
 
 from .aio import HboneStream, RelayResult, StreamResetError, relay
 from .protocol import ErrorCode
 
-__all__ = ["HIGH_WATER", "splice_hbone", "splice_tcp", "take_over"]
+__all__ = ["HIGH_WATER", "adopt", "splice_hbone", "splice_hbone_socket", "splice_tcp",
+           "take_over"]
+
+Pair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 HIGH_WATER = 1024 * 1024  # TCP write buffer above which the source is paused
 READ_SIZE = 256 * 1024  # read size of the fallback copy loops
@@ -54,14 +58,37 @@ def take_over(
     return transport, pending, eof
 
 
+async def adopt(sock: socket.socket, protocol: asyncio.BaseProtocol) -> asyncio.Transport:
+    """Wrap a connected socket in a transport driven by ``protocol`` directly (no
+    StreamReader/StreamWriter pair is built only to be taken over: ~2 KB per connection).
+    The socket is closed if that fails."""
+    loop = asyncio.get_running_loop()
+    try:
+        transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    transport = cast(asyncio.Transport, transport)
+    transport.set_write_buffer_limits(high=HIGH_WATER)
+    return transport
+
+
 class _Leg(asyncio.Protocol):
     """The TCP side of a relay; forwards transport callbacks to its relay."""
+
+    __slots__ = ("relay", "side", "transport", "write_paused")
 
     def __init__(self, relay: _Relay, side: int) -> None:
         self.relay = relay
         self.side = side
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Only for ``adopt`` (``take_over`` swaps protocols and sets the transport itself);
+        # data may arrive before ``adopt`` returns, so the relay must know its transport now.
+        self.transport = cast(asyncio.Transport, transport)
+        self.relay.attached(self.side, self.transport)
 
     def data_received(self, data: bytes) -> None:
         self.relay.on_data(self.side, data)
@@ -85,6 +112,8 @@ class _Leg(asyncio.Protocol):
 class _Relay:
     """Shared completion bookkeeping: a future resolved when both directions ended."""
 
+    __slots__ = ("loop", "done", "error")
+
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
@@ -101,6 +130,9 @@ class _Relay:
             self.done.set_result(None)
 
     def abort(self) -> None:
+        raise NotImplementedError
+
+    def attached(self, side: int, transport: asyncio.Transport) -> None:
         raise NotImplementedError
 
     def on_data(self, side: int, data: bytes) -> None:
@@ -133,6 +165,8 @@ class _Relay:
 class _HboneRelay(_Relay):
     """side 0 is the TCP leg; the stream is the other end."""
 
+    __slots__ = ("stream", "result", "leg", "tcp", "tcp_eof", "down_done", "source_paused")
+
     def __init__(self, stream: HboneStream, result: RelayResult) -> None:
         super().__init__()
         self.stream = stream
@@ -142,6 +176,9 @@ class _HboneRelay(_Relay):
         self.tcp_eof = False  # TCP -> stream direction finished
         self.down_done = False  # stream -> TCP direction finished
         self.source_paused = False
+
+    def attached(self, side: int, transport: asyncio.Transport) -> None:
+        self.tcp = transport
 
     # TCP -> stream
     def on_data(self, side: int, data: bytes) -> None:
@@ -222,6 +259,29 @@ async def splice_hbone(
     tcp, pending, eof = take_over(reader, writer, r.leg)
     r.tcp = tcp
     r.leg.transport = tcp
+    return await _run_hbone(r, tcp, pending, eof)
+
+
+async def splice_hbone_socket(stream: HboneStream, sock: socket.socket) -> RelayResult:
+    """``splice_hbone`` for a connected socket (ztunnel's dial to the application)."""
+    if not FAST_RELAY:
+        reader, writer = await asyncio.open_connection(sock=sock)
+        return await relay(stream, reader, writer)
+    result = RelayResult()
+    r = _HboneRelay(stream, result)
+    try:
+        tcp = await adopt(sock, r.leg)
+    except OSError as e:
+        stream.abort(ErrorCode.CANCEL)
+        result.error = e
+        return result
+    return await _run_hbone(r, tcp, b"", False)
+
+
+async def _run_hbone(
+    r: _HboneRelay, tcp: asyncio.Transport, pending: bytes, eof: bool
+) -> RelayResult:
+    stream, result = r.stream, r.result
     try:
         if pending:
             r.on_data(0, pending)
@@ -245,6 +305,8 @@ async def splice_hbone(
 
 
 class _TcpRelay(_Relay):
+    __slots__ = ("legs", "transports", "copied", "eof", "source_paused")
+
     def __init__(self) -> None:
         super().__init__()
         self.legs = (_Leg(self, 0), _Leg(self, 1))
@@ -252,6 +314,9 @@ class _TcpRelay(_Relay):
         self.copied = [0, 0]  # bytes written into the other side, by source side
         self.eof = [False, False]
         self.source_paused = [False, False]
+
+    def attached(self, side: int, transport: asyncio.Transport) -> None:
+        self.transports[side] = transport
 
     def on_data(self, side: int, data: bytes) -> None:
         sink = self.transports[1 - side]
@@ -293,23 +358,31 @@ class _TcpRelay(_Relay):
                 t.abort()
 
 
-async def splice_tcp(
-    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-) -> tuple[int, int, BaseException | None]:
-    """Relay between two TCP stream pairs until both directions ended or one failed.
+async def splice_tcp(a: Pair, b: Pair | socket.socket) -> tuple[int, int, BaseException | None]:
+    """Relay between two TCP streams (``b`` may be a connected socket) until both
+    directions ended or one failed.
 
     Returns (bytes a->b, bytes b->a, first error). Both transports are closed at the end.
     """
     if not FAST_RELAY:
+        if isinstance(b, socket.socket):
+            b = await asyncio.open_connection(sock=b)
         return await _copy_streams(a, b)
     relay = _TcpRelay()
-    taken = [take_over(r, w, relay.legs[i]) for i, (r, w) in enumerate((a, b))]
-    for i, (t, _, _) in enumerate(taken):
-        relay.transports[i] = t
-        relay.legs[i].transport = t
+    ta, pending_a, eof_a = take_over(a[0], a[1], relay.legs[0])
+    relay.transports[0] = relay.legs[0].transport = ta
+    if isinstance(b, socket.socket):
+        try:
+            tb = await adopt(b, relay.legs[1])
+        except OSError as e:
+            ta.abort()
+            return 0, 0, e
+        pending_b, eof_b = b"", False
+    else:
+        tb, pending_b, eof_b = take_over(b[0], b[1], relay.legs[1])
+    relay.transports[1] = relay.legs[1].transport = tb
     try:
-        for i, (_, pending, eof) in enumerate(taken):
+        for i, pending, eof in ((0, pending_a, eof_a), (1, pending_b, eof_b)):
             if pending:
                 relay.on_data(i, pending)
             if eof:

@@ -12,7 +12,8 @@ ztunnels restarted) and each mode:
 * with ``--tracemalloc``, ztunnel runs with a ``sitecustomize`` (put first on its
   ``PYTHONPATH``) that starts ``tracemalloc`` and, on SIGUSR2, writes the top allocation sites
   to ``<pid>.tracemalloc.txt`` in the output directory; the tool signals each ztunnel while
-  the connections are held.  (The system ``sitecustomize`` only installs Debian's apport
+  the connections are held (the first signal, while idle, takes the baseline; the second
+  writes the growth since then, by allocation site).  (The system ``sitecustomize`` only installs Debian's apport
   hook, which a ztunnel does not need.)
 
 Invariants: every wait is bounded; the mesh is torn down in ``finally``; the connections stay
@@ -41,14 +42,22 @@ from perf.dev.meshbench import MODES, NGINX_PORT, Bench, manifests_text, parse_v
 SITECUSTOMIZE = '''
 import os, signal, tracemalloc
 tracemalloc.start(int(os.environ.get("MEMPROBE_FRAMES", "1")))
+_base = []
 def _dump(signum, frame):
-    snap = tracemalloc.take_snapshot()
-    out = os.path.join(os.environ["MEMPROBE_DIR"], f"{os.getpid()}.tracemalloc.txt")
-    stats = snap.statistics("lineno")
+    snap = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__)])
+    key = "traceback" if int(os.environ.get("MEMPROBE_FRAMES", "1")) > 1 else "lineno"
+    name = "idle" if not _base else "held"
+    out = os.path.join(os.environ["MEMPROBE_DIR"], f"{os.getpid()}.{name}.tracemalloc.txt")
     with open(out + ".tmp", "w") as f:
-        f.write(f"total {sum(s.size for s in stats)}\\n")
-        for s in stats[:60]:
-            f.write(f"{s.size} {s.count} {s.traceback}\\n")
+        total = sum(t.size for t in snap.traces)
+        f.write(f"total {total}\\n")
+        if _base:
+            f.write(f"growth {total - sum(t.size for t in _base[0].traces)}\\n")
+            for d in snap.compare_to(_base[0], key)[:60]:
+                f.write(f"{d.size_diff} {d.count_diff} {d.traceback.format()[-8:]}\\n")
+        else:
+            _base.append(snap)
     os.replace(out + ".tmp", out)
 signal.signal(signal.SIGUSR2, _dump)
 '''
@@ -67,12 +76,27 @@ def memory(pid: int) -> dict[str, float]:
             "file": round(fields.get("Rss", 0.0) - fields.get("Anonymous", 0.0), 1)}
 
 
+def signal_and_wait(pids: dict[str, int], outdir: Path, name: str) -> dict[str, str]:
+    """Ask each ztunnel for its tracemalloc dump (the first is the baseline); their paths."""
+    files = {n: outdir / f"{p}.{name}.tracemalloc.txt" for n, p in pids.items()}
+    for f in files.values():
+        f.unlink(missing_ok=True)
+    for pid in pids.values():
+        os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 60
+    while not all(f.exists() for f in files.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return {n: str(f) for n, f in files.items()}
+
+
 def hold(bench: Bench, mode: str, count: int, outdir: Path, trace: bool) -> dict[str, Any]:
     client, server = MODES[mode]
     ip = bench.mesh.pods[server].ip
     status = outdir / f"hold-{mode}-{time.monotonic_ns()}.json"
     pids = bench.zt_pids()
     res: dict[str, Any] = {"idle": {n: memory(p) for n, p in pids.items()}}
+    if trace:
+        signal_and_wait(pids, outdir, "idle")
     proc = bench.cluster.start_app(
         bench.mesh.pods[client],
         [sys.executable, "-m", "perf.loadgen", "hold", "--host", ip, "--port", str(NGINX_PORT),
@@ -90,14 +114,7 @@ def hold(bench: Bench, mode: str, count: int, outdir: Path, trace: bool) -> dict
             n: round((res["held"][n]["rss"] - res["idle"][n]["rss"]) * 1024 / count, 1)
             for n in pids}
         if trace:
-            for pid in pids.values():
-                os.kill(pid, signal.SIGUSR2)
-            deadline = time.monotonic() + 30
-            files = [outdir / f"{pid}.tracemalloc.txt" for pid in pids.values()]
-            while not all(f.exists() for f in files) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            res["tracemalloc"] = {n: str(outdir / f"{p}.tracemalloc.txt")
-                                  for n, p in pids.items()}
+            res["tracemalloc"] = signal_and_wait(pids, outdir, "held")
     finally:
         bench.cluster.stop_process(proc)
     return res

@@ -141,6 +141,8 @@ def wait_served(mesh: LocalMesh, name: str) -> None:
             for w in mesh.config_dump(n)["workloads"]), timeout=30), node
     offsets = {n: log_size(mesh.log_path(n)) for n in mesh.ztunnels}
     r = demo.probe(mesh, "shop/frontend", pod.ip, 8080)
+    if not r.ok:
+        Path("/tmp/h8c_diag.txt").write_text(json.dumps({n: log_since(mesh.log_path(n), off) for n, off in offsets.items()}, indent=1) + json.dumps([w for w in mesh.config_dump("node-a")["workloads"] if w.get("name") == name], indent=1))
     assert r.ok, (r, {n: log_since(mesh.log_path(n), off)[-2000:] for n, off in offsets.items()})
 
 

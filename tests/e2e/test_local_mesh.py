@@ -229,6 +229,62 @@ def test_waypoint_routing_faults_and_rate_limits_in_the_mesh(mesh: LocalMesh) ->
     assert _wait_for(lambda: get("/faulty").status == 200, timeout=20)
 
 
+def test_waypoint_timeouts_retries_http2_and_filters_in_the_mesh(mesh: LocalMesh) -> None:
+    """Route timeouts and retries, HTTP/2 (h2c, a real nghttp client in a pod) and an
+    operator's request filter loaded by configuration, through the mesh's waypoint."""
+    assert mesh.cluster is not None
+    route = next(o for o in mesh.objects if o.get("kind") == "HTTPRoute"
+                 and o["metadata"]["name"] == "reviews")
+    original = copy.deepcopy(route["spec"]["rules"])
+    v1 = [{"name": "reviews-v1", "port": 80}]
+    rules = [
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/slow"}}],
+         "timeouts": {"request": "500ms"}, "backendRefs": v1},
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/status"}}],
+         "retry": {"attempts": 3, "codes": [503], "backoff": "10ms"}, "backendRefs": v1},
+        *original,
+    ]
+
+    def get(path: str, **kw: Any) -> Any:
+        return demo.http(mesh, "shop/frontend", demo.REVIEWS_VIP, 80, path, **kw)[0]
+
+    try:
+        mesh.update_object("HTTPRoute", "shop", "reviews",
+                           lambda o: o["spec"].__setitem__("rules", rules))
+        assert _wait_for(lambda: get("/slow/x?delay_ms=3000").status == 504, timeout=30)
+        assert get("/slow/x?delay_ms=10").status == 200
+        served = get("/status/200").json()["served"]
+        assert get("/status/503").status == 503
+        # the first try and 3 retries (Gateway API: attempts = retries) reached reviews-v1,
+        # then this request
+        assert get("/status/200").json()["served"] == served + 5
+    finally:
+        mesh.update_object("HTTPRoute", "shop", "reviews",
+                           lambda o: o["spec"].__setitem__("rules", original))
+
+    # HTTP/2 with prior knowledge from a pod's application, through capture and waypoint.
+    cp = mesh.cluster.run_in_pod(mesh.pods["shop/frontend"], [
+        "/usr/bin/nghttp", "-v", "-n", "-t", "10", f"http://{demo.REVIEWS_VIP}/api/h2"],
+        timeout=60)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert ":status: 200" in cp.stdout and "SETTINGS" in cp.stdout, cp.stdout[-2000:]
+
+    # An operator's filter, loaded by configuration (WAYPOINT_FILTERS) when the waypoint starts.
+    mesh.waypoint_extra_env["WAYPOINT_FILTERS"] = "waypoint.examples.add_header:AddHeader"
+    try:
+        mesh.stop_waypoint(demo.WAYPOINT)
+        mesh.start_waypoint(demo.WAYPOINT)
+        tagged = get("/api/f")
+        assert tagged.status == 200
+        echoed = {k.lower(): v for k, v in tagged.json().get("headers", {}).items()}
+        assert echoed.get("x-ambient-filter") == "add-header", echoed
+    finally:
+        mesh.waypoint_extra_env.pop("WAYPOINT_FILTERS", None)
+        mesh.stop_waypoint(demo.WAYPOINT)
+        mesh.start_waypoint(demo.WAYPOINT)
+    assert "x-ambient-filter" not in {k.lower() for k in get("/api/g").json().get("headers", {})}
+
+
 def test_unready_waypoint_fails_closed_then_recovers(mesh: LocalMesh) -> None:
     """The waypoint pod turns unready (Ready=False in the cluster's objects): the control
     plane publishes it UNHEALTHY and ztunnel refuses traffic that needs it (never sends it

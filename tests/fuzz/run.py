@@ -106,16 +106,28 @@ def _load() -> dict[str, dict[str, object]]:
         return {}
 
 
+def _cost(prev: dict[str, object]) -> float:
+    """Seconds per input seen before (unknown targets first: they may be slow)."""
+    rate = float(prev.get("inputs_per_s", 0) or 0)  # type: ignore[arg-type]
+    return 1.0 / rate if rate else 1.0
+
+
 def _stats(log: str) -> tuple[int, float]:
     runs = re.findall(r"stat::number_of_executed_units:\s*(\d+)", log)
     secs = re.findall(r"Done \d+ runs in (\d+) second", log)
     return (int(runs[-1]) if runs else 0), (float(secs[-1]) if secs else 0.0)
 
 
-def run_target(name: str, runs: int, seconds: int, timeout: int, rss_mb: int) -> dict[str, object]:
+def run_target(name: str, runs: int, deadline: float, timeout: int,
+               rss_mb: int) -> dict[str, object]:
+    """One worker process for ``name``, given what is left of the whole run's time budget."""
     LOGS.mkdir(parents=True, exist_ok=True)
     log_path = LOGS / f"{name}.log"
     start = time.monotonic()
+    seconds = int(deadline - start)
+    if seconds < 10:
+        return {"inputs": 0, "seconds": 0.0, "exit": None, "findings": [],
+                "fatal": ["time budget of the run used up"], "corpus": 0}
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", name, "--inputs", str(runs),
@@ -154,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--targets", default="", help="comma-separated names (default: all)")
     ap.add_argument("--max-seconds", type=int, default=4 * 3600,
-                    help="time bound for the whole run (each target gets a fair share)")
+                    help="time bound for the whole run; targets still running then stop and "
+                    "resume next time")
     ap.add_argument("--timeout", type=int, default=10, help="seconds one input may take")
     ap.add_argument("--rss-limit-mb", type=int, default=2048)
     ap.add_argument("--fresh", action="store_true",
@@ -190,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{n:16} done before: {prev['inputs']:>9,} inputs (resume: skipped)")
     t0 = time.monotonic()
-    share = max(60, a.max_seconds * max(1, a.jobs) // max(1, len(todo))) if todo else 0
+    deadline = t0 + a.max_seconds
+    todo.sort(key=lambda item: _cost(results.get(item[0], {})), reverse=True)  # slowest first
     with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        futs = {pool.submit(run_target, n, owed, share, a.timeout, a.rss_limit_mb): (n, owed)
+        futs = {pool.submit(run_target, n, owed, deadline, a.timeout, a.rss_limit_mb): (n, owed)
                 for n, owed in todo}
         for fut in concurrent.futures.as_completed(futs):
             n, owed = futs[fut]
