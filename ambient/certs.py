@@ -90,6 +90,41 @@ class LocalCaProvider:
         return self.ca.issue(identity, self.ttl)
 
 
+def grpc_ca_provider(
+    target: str,
+    plaintext: bool,
+    root_ca: str,
+    auth_token: str | None,
+    cluster_id: str,
+    *,
+    ttl: timedelta = DEFAULT_TTL,
+    alt_hostname: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    impersonate: bool = True,
+) -> GrpcCaProvider:
+    """A :class:`GrpcCaProvider` from the proxies' settings, as Istio reads them:
+    ``CA_ROOT_CA`` is a file, ``SYSTEM`` (the system store) or inline PEM; ``AUTH_TOKEN`` is
+    a path (re-read on every call) when it contains ``/`` or names a file, else the token."""
+    import os
+
+    root: bytes | None = None
+    if not plaintext:
+        if root_ca == "SYSTEM":
+            root = b""
+        elif "-----BEGIN CERTIFICATE-----" in root_ca:
+            root = root_ca.encode()
+        else:
+            try:
+                root = Path(root_ca).read_bytes()
+            except OSError as e:
+                raise OSError(f"CA_ROOT_CA={root_ca!r}: {e}; mount the mesh root (ConfigMap "
+                              "istio-ca-root-cert) there, or set SYSTEM") from e
+    is_path = bool(auth_token) and ("/" in str(auth_token) or os.path.exists(str(auth_token)))
+    return GrpcCaProvider(target, root, auth_token if is_path else None, cluster_id, ttl=ttl,
+                          alt_hostname=alt_hostname, headers=headers, impersonate=impersonate,
+                          token=None if is_path else auth_token)
+
+
 class GrpcCaProvider:
     """Fetches certificates from the mesh CA (istiod or our control plane) over gRPC.
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import signal
 import socket
@@ -20,7 +19,6 @@ import ssl
 import sys
 from collections.abc import Coroutine
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, cast
 
 from ambient import __version__
@@ -30,6 +28,7 @@ from ambient.certs import (
     CertificateProvider,
     GrpcCaProvider,
     LocalCaProvider,
+    grpc_ca_provider,
 )
 from ambient.hbone.pool import HbonePool
 from ambient.hbone.protocol import IPAddress
@@ -65,24 +64,8 @@ def cert_provider(s: Settings) -> CertificateProvider:
         raise OSError("no certificate source: set CA_ADDRESS (the mesh CA), or FAKE_CA=true "
                       "with CA_DIR")
     target, plaintext = parse_xds_address(s.ca_address)
-    root: bytes | None = None
-    if not plaintext:
-        raw = s.ca_root_ca
-        if raw == "SYSTEM":
-            root = b""
-        elif "-----BEGIN CERTIFICATE-----" in raw:
-            root = raw.encode()
-        else:
-            try:
-                root = Path(raw).read_bytes()
-            except OSError as e:
-                raise OSError(f"CA_ROOT_CA={raw!r}: {e}; mount the mesh root (ConfigMap "
-                              "istio-ca-root-cert) there, or set SYSTEM") from e
-    token = s.auth_token
-    is_path = bool(token) and ("/" in str(token) or os.path.exists(str(token)))
-    return GrpcCaProvider(target, root, token if is_path else None, s.cluster_id, ttl=ttl,
-                          alt_hostname=s.alt_ca_hostname, impersonate=False,
-                          token=None if is_path else token)
+    return grpc_ca_provider(target, plaintext, s.ca_root_ca, s.auth_token, s.cluster_id,
+                            ttl=ttl, alt_hostname=s.alt_ca_hostname, impersonate=False)
 
 
 async def _dial(dst: tuple[IPAddress, int]) -> socket.socket:

@@ -16,7 +16,6 @@ import resource
 import signal
 import sys
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from ambient import __version__
@@ -26,6 +25,7 @@ from ambient.certs import (
     CertificateProvider,
     GrpcCaProvider,
     LocalCaProvider,
+    grpc_ca_provider,
 )
 from ambient.store import MeshStore
 from ztunnel.accesslog import configure_logging
@@ -66,25 +66,9 @@ def cert_provider(settings: Settings, ca: CertificateAuthority | None) -> Certif
         return LocalCaProvider(ca, ttl)
     assert settings.ca_address
     target, plaintext = parse_xds_address(settings.ca_address)
-    root: bytes | None = None
-    if not plaintext:
-        raw = settings.ca_root_ca
-        if raw == "SYSTEM":
-            root = b""  # the system trust store
-        elif "-----BEGIN CERTIFICATE-----" in raw:
-            root = raw.encode()
-        else:
-            try:
-                root = Path(raw).read_bytes()
-            except OSError as e:
-                raise OSError(f"CA_ROOT_CA={raw!r}: {e}; mount the mesh root "
-                              "(ConfigMap istio-ca-root-cert) there, or set SYSTEM") from e
-    token = settings.auth_token
-    is_path = bool(token) and ("/" in str(token) or os.path.exists(str(token)))
-    return GrpcCaProvider(target, root, token if is_path else None, settings.cluster_id,
-                          ttl=ttl, alt_hostname=settings.alt_ca_hostname,
-                          headers=dict(settings.ca_headers),
-                          token=None if is_path else token)
+    return grpc_ca_provider(target, plaintext, settings.ca_root_ca, settings.auth_token,
+                            settings.cluster_id, ttl=ttl, alt_hostname=settings.alt_ca_hostname,
+                            headers=dict(settings.ca_headers))
 
 
 async def run(settings: Settings) -> int:

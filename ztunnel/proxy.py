@@ -37,7 +37,7 @@ from ambient.certs import CertificateError, CertificateManager
 from ambient.hbone.aio import HboneConnectError, Incoming, serve_hbone
 from ambient.hbone.pool import HbonePool, PoolKey
 from ambient.hbone.protocol import ConnectRequest, build_request_headers
-from ambient.hbone.tcpleg import splice_hbone
+from ambient.hbone.tcpleg import splice_hbone, splice_hbone_socket
 from ambient.identity import SpiffeId
 from ambient.model import Workload
 from ambient.store import MeshState, MeshStore
@@ -329,7 +329,7 @@ class Ztunnel:
     ) -> None:
         """Plain TCP leg: dial ``dst`` from the pod, copy both ways, close the result."""
         try:
-            up = await self._open(pod, dst, source)
+            up = await self._dial(pod, dst[0], dst[1], source=source)
         except OSError as e:
             writer.transport.abort()
             result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
@@ -622,14 +622,18 @@ class Ztunnel:
             result.close(0, 0, error=decision.reason, response_flags=ResponseFlags.DENY)
             return
         try:
-            app = await self._open(pod, dst, self._orig_src(src_ip))
+            app = await self._dial(pod, dst[0], dst[1], source=self._orig_src(src_ip))
         except OSError as e:
             incoming.reject(503)
             result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
             return
-        stream = incoming.accept()
+        try:
+            stream = incoming.accept()
+        except BaseException:
+            app.close()
+            raise
         self._guard(pod, src_ip, peer_id, dst, result)
-        r = await splice_hbone(stream, *app)
+        r = await splice_hbone_socket(stream, app)
         result.close(r.from_stream, r.to_stream, error=r.error)
 
 

@@ -12,6 +12,7 @@ still records what it carried.
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
 
 from ambient.hbone.tcpleg import splice_tcp
@@ -26,7 +27,10 @@ class Copied:
     error: BaseException | None = None
 
 
-async def relay_streams(a: Pair, b: Pair) -> Copied:
-    """Copy a->b and b->a until both directions end or one fails; then close both."""
+async def relay_streams(a: Pair, b: Pair | socket.socket) -> Copied:
+    """Copy a->b and b->a until both directions end or one fails; then close both.
+
+    ``b`` may be a connected socket (the dial to the destination): it is wrapped in a
+    transport driven by the relay directly, without a StreamReader/StreamWriter pair."""
     a_to_b, b_to_a, error = await splice_tcp(a, b)
     return Copied(a_to_b, b_to_a, error)

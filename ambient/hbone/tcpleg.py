@@ -372,11 +372,17 @@ async def splice_tcp(a: Pair, b: Pair | socket.socket) -> tuple[int, int, BaseEx
     ta, pending_a, eof_a = take_over(a[0], a[1], relay.legs[0])
     relay.transports[0] = relay.legs[0].transport = ta
     if isinstance(b, socket.socket):
+        # Nothing may come from ``a`` before its sink exists: hold it while ``b`` is wrapped.
+        paused = ta.is_reading()
+        if paused:
+            ta.pause_reading()
         try:
             tb = await adopt(b, relay.legs[1])
         except OSError as e:
             ta.abort()
             return 0, 0, e
+        if paused and not ta.is_closing():
+            ta.resume_reading()
         pending_b, eof_b = b"", False
     else:
         tb, pending_b, eof_b = take_over(b[0], b[1], relay.legs[1])

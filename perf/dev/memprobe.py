@@ -4,17 +4,19 @@ Role: build the same local mesh as ``meshbench`` (iptables capture, client pod o
 server pods on node-b and node-a), then for each ``--variant`` (ztunnel environment, both
 ztunnels restarted) and each mode:
 
+* optionally (``--warm S``) run S seconds of iperf3 and of h2load through the mode first,
+  as the suite does before its idle-connections figure;
 * read each ztunnel's ``VmRSS`` and ``/proc/<pid>/smaps_rollup`` split (anonymous memory vs
   file-backed pages of the interpreter and the extension modules) while idle;
 * hold ``--count`` keep-alive connections through the mode (``perf.loadgen hold``, one request
   on each) and read them again: the difference divided by ``--count`` is the cost per
   connection;
 * with ``--tracemalloc``, ztunnel runs with a ``sitecustomize`` (put first on its
-  ``PYTHONPATH``) that starts ``tracemalloc`` and, on SIGUSR2, writes the top allocation sites
-  to ``<pid>.tracemalloc.txt`` in the output directory; the tool signals each ztunnel while
-  the connections are held (the first signal, while idle, takes the baseline; the second
-  writes the growth since then, by allocation site).  (The system ``sitecustomize`` only installs Debian's apport
-  hook, which a ztunnel does not need.)
+  ``PYTHONPATH``) that starts ``tracemalloc``; on SIGUSR2 it writes
+  ``<pid>.{idle,held}.tracemalloc.txt`` in the output directory. The tool signals each
+  ztunnel while idle (the baseline) and while the connections are held (the growth since
+  then, by allocation site). The system ``sitecustomize`` it shadows only installs Debian's
+  apport hook, which a ztunnel does not need.
 
 Invariants: every wait is bounded; the mesh is torn down in ``finally``; the connections stay
 inside the cluster's namespaces.
@@ -89,9 +91,15 @@ def signal_and_wait(pids: dict[str, int], outdir: Path, name: str) -> dict[str, 
     return {n: str(f) for n, f in files.items()}
 
 
-def hold(bench: Bench, mode: str, count: int, outdir: Path, trace: bool) -> dict[str, Any]:
+def hold(bench: Bench, mode: str, count: int, outdir: Path, trace: bool,
+         warm: float = 0.0) -> dict[str, Any]:
     client, server = MODES[mode]
     ip = bench.mesh.pods[server].ip
+    if warm > 0:  # bulk traffic first, as in the suite (its RSS figure follows the iperf3 runs)
+        bench.seconds = warm
+        bench.iperf(client, ip)
+        bench.rps(client, ip)
+        time.sleep(1.0)
     status = outdir / f"hold-{mode}-{time.monotonic_ns()}.json"
     pids = bench.zt_pids()
     res: dict[str, Any] = {"idle": {n: memory(p) for n, p in pids.items()}}
@@ -127,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capture", default="iptables")
     ap.add_argument("--tracemalloc", action="store_true")
     ap.add_argument("--frames", type=int, default=1, help="tracemalloc traceback depth")
+    ap.add_argument("--warm", type=float, default=0.0,
+                    help="seconds of iperf3 and of h2load through the mode before measuring")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:KEY=VALUE,... ztunnel environment of a variant")
     ap.add_argument("--outdir", type=Path, default=Path(tempfile.mkdtemp(prefix="memprobe-")))
@@ -160,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(2.0)
             for mode in args.modes.split(","):
                 key = f"{vname}/{mode}" if vname else mode
-                results[key] = hold(bench, mode, args.count, args.outdir, args.tracemalloc)
+                results[key] = hold(bench, mode, args.count, args.outdir, args.tracemalloc,
+                                    args.warm)
                 print(key, json.dumps(results[key]), file=sys.stderr)
     finally:
         with contextlib.suppress(Exception):

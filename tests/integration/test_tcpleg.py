@@ -27,7 +27,7 @@ from test_hbone_helpers import (
 from ambient.hbone.aio import Incoming, RelayResult, start_hbone_server
 from ambient.hbone.pool import HbonePool, PoolKey
 from ambient.hbone.protocol import ConnectRequest
-from ambient.hbone.tcpleg import splice_hbone, splice_tcp
+from ambient.hbone.tcpleg import splice_hbone, splice_hbone_socket, splice_tcp
 from ambient.identity import SpiffeId
 
 LOOPS = pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
@@ -39,14 +39,19 @@ def run(coro, *, use_uvloop: bool):
     return asyncio.run(asyncio.wait_for(coro, 120))
 
 
-async def tcp_relay(upstream_port: int, results: list, *, preamble: bool = False):
-    """A TCP relay server in front of 127.0.0.1:upstream_port using splice_tcp."""
+async def tcp_relay(upstream_port: int, results: list, *, preamble: bool = False,
+                    sock: bool = False):
+    """A TCP relay server in front of 127.0.0.1:upstream_port using splice_tcp (the
+    upstream as a connected socket with ``sock``, else as a stream pair)."""
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         if preamble:  # consume one line, leaving what followed it in the reader's buffer
             await r.readline()
-        up = await asyncio.open_connection("127.0.0.1", upstream_port)
-        results.append(await splice_tcp((r, w), up))
+        if sock:
+            up: object = await dial(("127.0.0.1", upstream_port))
+        else:
+            up = await asyncio.open_connection("127.0.0.1", upstream_port)
+        results.append(await splice_tcp((r, w), up))  # type: ignore[arg-type]
 
     srv = await asyncio.start_server(handle, "127.0.0.1", 0)
     return srv, srv.sockets[0].getsockname()[1]
@@ -182,5 +187,106 @@ def test_splice_hbone_large_transfer_over_mtls(use_uvloop: bool) -> None:
             await pool.close()
             srv.close()
             echo.close()
+
+    run(main(), use_uvloop=use_uvloop)
+
+
+SOCK = pytest.mark.parametrize("as_socket", [False, True], ids=["pair", "socket"])
+
+
+@LOOPS
+@SOCK
+def test_splice_tcp_to_a_socket_large_transfer(use_uvloop: bool, as_socket: bool) -> None:
+    async def main() -> None:
+        echo, echo_port = await start_echo()
+        results: list = []
+        srv, port = await tcp_relay(echo_port, results, preamble=True, sock=as_socket)
+        try:
+            payload = os.urandom(6 * 1024 * 1024)
+            back = await echo_through(port, payload, first=b"hi\n")
+            assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
+            await wait_for_results(results)
+            assert results[0] == (len(payload), len(payload), None)
+        finally:
+            srv.close()
+            echo.close()
+
+    run(main(), use_uvloop=use_uvloop)
+
+
+async def start_banner(banner: bytes) -> tuple[asyncio.Server, int]:
+    """A server that speaks first (a banner at once), then echoes and half-closes."""
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(banner)
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        w.write_eof()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+@LOOPS
+def test_splice_tcp_socket_keeps_a_banner_and_early_client_bytes(use_uvloop: bool) -> None:
+    async def main() -> None:
+        banner = b"220 ready " * 5000
+        up, up_port = await start_banner(banner)
+        results: list = []
+        srv, port = await tcp_relay(up_port, results, sock=True)
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"early" * 1000)  # before the relay has even dialled upstream
+            w.write_eof()
+            got = bytearray()
+            while data := await asyncio.wait_for(r.read(65536), 30):
+                got += data
+            assert bytes(got) == banner + b"early" * 1000
+            await wait_for_results(results)
+            assert results[0] == (5000, len(banner) + 5000, None)
+            w.close()
+        finally:
+            srv.close()
+            up.close()
+
+    run(main(), use_uvloop=use_uvloop)
+
+
+@LOOPS
+def test_splice_hbone_socket_over_mtls_with_a_server_first_app(use_uvloop: bool) -> None:
+    async def main() -> None:
+        banner = b"* OK hello\r\n" * 3000
+        app, app_port = await start_banner(banner)
+        results: list[RelayResult] = []
+
+        async def handler(req: ConnectRequest, peer: SpiffeId, incoming: Incoming) -> None:
+            sock = await dial(("127.0.0.1", req.port))
+            await asyncio.sleep(0.05)  # the banner is waiting in the socket before the relay
+            results.append(await splice_hbone_socket(incoming.accept(), sock))
+
+        srv = await start_hbone_server(handler, server_ctx(), trust_domain=TD, host="127.0.0.1")
+        hport = srv.sockets[0].getsockname()[1]
+
+        async def ctx_for(_ident: SpiffeId):
+            return client_ctx(CLIENT_ID)
+
+        pool = HbonePool(dial, ctx_for, trust_domain=TD)
+        key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}), None,
+                      (ipaddress.IPv4Address("127.0.0.1"), hport))
+        try:
+            stream = await pool.connect(key, f"127.0.0.1:{app_port}")
+            payload = os.urandom(8 * 1024 * 1024)
+            back = await transfer(stream, payload)
+            assert back[:len(banner)] == banner
+            assert hashlib.sha256(back[len(banner):]).digest() == hashlib.sha256(payload).digest()
+            await wait_for_results(results)
+            res = results[0]
+            assert res.error is None
+            assert res.to_stream == len(banner) + len(payload) and res.from_stream == len(payload)
+        finally:
+            await pool.close()
+            srv.close()
+            app.close()
 
     run(main(), use_uvloop=use_uvloop)
