@@ -528,16 +528,17 @@ def _validate_ca(
             raise CaError(f"CA certificate {subject!r} is not valid before "
                           f"{c.not_valid_before_utc.isoformat()}; check the system clock")
     for child, parent in zip(chain, chain[1:], strict=False):
-        if not _issued_by(child, parent):
+        if not issued_by(child, parent):
             raise CaError(f"{CERT_CHAIN_FILE} is out of order or incomplete: "
                           f"{child.subject.rfc4514_string()!r} is not signed by "
                           f"{parent.subject.rfc4514_string()!r}")
-    if not any(_issued_by(chain[-1], root) for root in roots):
+    if not any(issued_by(chain[-1], root) for root in roots):
         raise CaError(f"the CA chain does not lead to any certificate in {ROOT_CERT_FILE}; "
                       "check that cert-chain.pem and root-cert.pem belong to the same PKI")
 
 
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """Whether ``parent`` signed ``child`` (a self-signed certificate counts as its own)."""
     if child == parent:
         return True
     try:

@@ -31,7 +31,6 @@ from typing import Any, Protocol
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from google.protobuf import struct_pb2
 
@@ -43,6 +42,7 @@ from .ca import (
     CertificateAuthority,
     WorkloadCertificate,
     generate_key,
+    issued_by,
     make_csr,
     split_pem,
     workload_certificate_from_chain,
@@ -250,22 +250,12 @@ def verify_chain(cert: WorkloadCertificate, now: datetime | None = None) -> None
                 f"{cert.identity} is not valid now (valid {c.not_valid_before_utc.isoformat()} "
                 f"to {c.not_valid_after_utc.isoformat()}); check the clocks and the CA")
     for child, parent in zip(chain, chain[1:], strict=False):
-        if not _signed_by(child, parent):
+        if not issued_by(child, parent):
             raise CertificateError(f"the chain for {cert.identity} is out of order: a "
                                    "certificate is not signed by the next one")
-    if not any(_signed_by(chain[-1], root) for root in roots):
+    if not any(issued_by(chain[-1], root) for root in roots):
         raise CertificateError(f"the chain for {cert.identity} does not lead to any of the "
                                f"{len(roots)} root(s) the CA sent")
-
-
-def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    if child == parent:
-        return True
-    try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
 
 
 @dataclass
