@@ -58,6 +58,9 @@ INBOUND_HBONE_PORT = 15008
 # closed (see Ztunnel._pod_workload).
 WORKLOAD_WAIT_S = 5.0
 STREAM_LIMIT = 1024 * 1024  # asyncio stream buffer; reads pause above twice this
+# Accept queue of 15001/15006. start_server(sock=...) calls listen() again, with 100 unless
+# told: under a burst of new connections (1k/s) that dropped SYNs (clients retry after 1 s).
+LISTEN_BACKLOG = 1024
 
 
 @dataclass(eq=False)
@@ -145,10 +148,12 @@ class Ztunnel:
             in_sock = listener(netns, INBOUND_PLAINTEXT_PORT, mark=mark, reuseport=reuse)
             pod.hbone_listener = listener(netns, INBOUND_HBONE_PORT, mark=mark, reuseport=reuse)
             pod.servers.append(
-                await asyncio.start_server(self._tracked(pod, self._outbound), sock=out_sock)
+                await asyncio.start_server(self._tracked(pod, self._outbound), sock=out_sock,
+                                     backlog=LISTEN_BACKLOG)
             )
             pod.servers.append(
-                await asyncio.start_server(self._tracked(pod, self._inbound_plain), sock=in_sock)
+                await asyncio.start_server(self._tracked(pod, self._inbound_plain), sock=in_sock,
+                                     backlog=LISTEN_BACKLOG)
             )
         except OSError as e:
             await self._close_pod(pod)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -68,6 +69,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
         yield m
     finally:
         cgroup_base = m.cluster.cgroup_base if m.cluster else ""
+        keep = os.environ.get("AMBIENT_FAULT_KEEP_LOGS")  # a directory to copy the logs to
+        if keep:
+            shutil.copytree(m.run_dir / "logs", Path(keep) / m.name, dirs_exist_ok=True)
         errors = m.down()
         assert not errors, errors
     assert not os.path.exists(cgroup_base), cgroup_base
@@ -135,14 +139,13 @@ def wait_served(mesh: LocalMesh, name: str) -> None:
     key = next(k for k in mesh.pods if k.endswith(f"/{name}"))
     pod = mesh.pods[key]
     assert wait_for(lambda: name in workload_names(mesh, pod.node))
-    for node in mesh.ztunnels:
+    for node in mesh.ztunnels:  # the pod's IP, once the status with it is published
         assert wait_for(lambda n=node: any(
             w.get("name") == name and w.get("protocol") == "HBONE"
+            and any(a.split("/")[-1] == pod.ip for a in w.get("workloadIps", []))
             for w in mesh.config_dump(n)["workloads"]), timeout=30), node
     offsets = {n: log_size(mesh.log_path(n)) for n in mesh.ztunnels}
     r = demo.probe(mesh, "shop/frontend", pod.ip, 8080)
-    if not r.ok:
-        Path("/tmp/h8c_diag.txt").write_text(json.dumps({n: log_since(mesh.log_path(n), off) for n, off in offsets.items()}, indent=1) + json.dumps([w for w in mesh.config_dump("node-a")["workloads"] if w.get("name") == name], indent=1))
     assert r.ok, (r, {n: log_since(mesh.log_path(n), off)[-2000:] for n, off in offsets.items()})
 
 
