@@ -617,7 +617,8 @@ class _HboneConnection:
         stream = self._h2.streams.get(stream_id)
         if stream is None or self._closed:
             return False
-        return stream.open and not stream.state_machine.state.name.endswith("LOCAL")
+        # h2's "open" minus the states where our side has ended: OPEN, HALF_CLOSED_REMOTE.
+        return stream.state_machine.state in _SENDABLE_STATES
 
     def _flush(self, stream_id: int, box: _Outbox) -> bool:
         """Send as much of ``box`` as windows allow; True when it emptied."""

@@ -11,7 +11,8 @@ namespaces, real capture, real mTLS), but with only the figures the optimisation
 * ``zt_rss_mb``: both ztunnels' resident memory at the end.
 
 Modes: ``direct`` (unenrolled namespace, cross-node), ``ambient`` (cross-node through both
-ztunnels), ``ambient-same-node`` (client and server on one node).  ``--profile DIR`` records a
+ztunnels), ``ambient-same-node`` (client and server on one node), ``passthrough`` (enrolled
+client to an unenrolled server: one plain TCP relay in ztunnel A).  ``--profile DIR`` records a
 py-spy flame graph (``DIR/<mode>-<figure>-<node>.svg``) and a ``--format raw`` collapsed stack
 file of each ztunnel while a figure runs.
 
@@ -78,6 +79,9 @@ MODES = {  # mode -> (client pod, server pod)
     "direct": ("plain/pclient", "plain/pserver"),
     "ambient": ("bench/client", "bench/server"),
     "ambient-same-node": ("bench/client", "bench/server-local"),
+    # enrolled client -> unenrolled server: ztunnel A relays TCP<->TCP (no TLS, no HTTP/2);
+    # the floor a same-node in-process shortcut would reach (one relay between two TCP legs)
+    "passthrough": ("bench/client", "plain/pserver"),
 }
 
 NGINX_CONF = """
