@@ -57,7 +57,6 @@ INBOUND_HBONE_PORT = 15008
 # How long a connection of a served pod waits for the pod's configuration before failing
 # closed (see Ztunnel._pod_workload).
 WORKLOAD_WAIT_S = 5.0
-STREAM_LIMIT = 1024 * 1024  # asyncio stream buffer; reads pause above twice this
 # Accept queue of 15001/15006. start_server(sock=...) calls listen() again, with 100 unless
 # told: under a burst of new connections (1k/s) that dropped SYNs (clients retry after 1 s).
 LISTEN_BACKLOG = 1024
@@ -316,12 +315,6 @@ class Ztunnel:
     def _orig_src(self, client_ip: str) -> tuple[str, int] | None:
         """Bind address that keeps the client's IP towards the application (ENABLE_ORIG_SRC)."""
         return (client_ip, 0) if self.settings.enable_orig_src else None
-
-    async def _open(
-        self, pod: PodProxy, dst: tuple[str, int], source: tuple[str, int] | None
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        sock = await self._dial(pod, dst[0], dst[1], source=source)
-        return await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
 
     async def _relay_tcp(
         self,
