@@ -2,7 +2,8 @@
 
 The short versions of ``make soak`` (``tests/soak/``), on the two-node load mesh
 (``tests/soak/mesh.yaml``, iptables capture) with short ztunnel timeouts
-(``HBONE_HANDSHAKE_TIMEOUT=2s``, ``HBONE_IDLE_TIMEOUT=8s``):
+(``HBONE_HANDSHAKE_TIMEOUT=2s``, ``HBONE_IDLE_TIMEOUT=8s``, and
+``POOL_UNUSED_RELEASE_TIMEOUT=5s`` so pooled connections are let go before the settle wait ends):
 
 1. 1,000 concurrent connections from one client application, held, each exchanging a line
    when opened and again before it closes: none fails, and afterwards both ztunnels have no
@@ -29,7 +30,8 @@ from tests.soak import harness
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
-SHORT_TIMEOUTS = {"HBONE_HANDSHAKE_TIMEOUT": "2s", "HBONE_IDLE_TIMEOUT": "8s"}
+SHORT_TIMEOUTS = {"HBONE_HANDSHAKE_TIMEOUT": "2s", "HBONE_IDLE_TIMEOUT": "8s",
+                  "POOL_UNUSED_RELEASE_TIMEOUT": "5s"}
 
 
 @pytest.fixture(scope="module")

@@ -94,10 +94,10 @@ async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
         for _ in range(1000):
             if not await asyncio.wait_for(reader.read(65536), BOUND):
                 return True
+    except TimeoutError:  # before OSError, of which it is a subclass
+        return False
     except (ConnectionError, ssl.SSLError, OSError):
         return True
-    except TimeoutError:
-        return False
     return False
 
 

@@ -24,9 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import socket
 import ssl
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +42,7 @@ from ambient.cluster import demo
 from ambient.cluster.echo import wait_listening
 from ambient.cluster.mesh import LocalMesh
 from ambient.hbone.aio import HboneStream, open_hbone_connection
-from ambient.hbone.protocol import HboneError
+from ambient.hbone.protocol import HboneError, HboneSettings
 from ambient.identity import SpiffeId
 from ambient.netns import netns_path, socket_in_netns
 
@@ -50,6 +52,13 @@ APP_PORT = 9000
 ZTUNNEL_MARK = 1337
 HBONE_PORT = 15008
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+NO_PINGS = HboneSettings(ping_interval=1e9, ping_timeout=1e9)
+KERNEL_COUNTERS = frozenset({
+    "TcpExtListenOverflows", "TcpExtListenDrops", "TcpAttemptFails", "TcpEstabResets",
+    "TcpOutRsts", "TcpExtTW", "TcpExtTWRecycled", "TcpExtTCPAbortOnData",
+    "TcpExtTCPAbortOnClose", "TcpExtTCPChallengeACK", "TcpExtPAWSEstab", "TcpExtTCPTimeouts",
+    "TcpExtTCPReqQFullDrop", "TcpExtTCPSynRetrans",
+})
 
 
 class SoakError(AssertionError):
@@ -61,9 +70,15 @@ class ProcStats:
     rss_kib: int
     fds: int
     live: float
+    cpu_s: float = 0.0  # user + system CPU time of the process so far
 
     def text(self) -> str:
         return f"RSS {self.rss_kib / 1024:.1f} MiB, {self.fds} fds, {self.live:g} live"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, step: float = 0.25) -> Any:
@@ -131,7 +146,49 @@ class SoakMesh:
         text = self.mesh.metrics(node)
         live = (demo.metric_value(text, "istio_tcp_connections_opened_total")
                 - demo.metric_value(text, "istio_tcp_connections_closed_total"))
-        return ProcStats(rss, fds, live)
+        return ProcStats(rss, fds, live, round(cpu_seconds(pid), 2))
+
+    def flags(self, node: str) -> dict[str, float]:
+        """``istio_tcp_connections_closed_total`` by ``response_flags`` (``-`` is success)."""
+        out: dict[str, float] = {}
+        for fam in demo.text_string_to_metric_families(self.mesh.metrics(node)):
+            for smp in fam.samples:
+                if smp.name == "istio_tcp_connections_closed_total":
+                    f = smp.labels.get("response_flags", "?")
+                    out[f] = out.get(f, 0) + smp.value
+        return out
+
+    def log_offset(self, node: str) -> int:
+        return self.mesh.log_path(node).stat().st_size
+
+    def log_errors(self, node: str, offset: int) -> dict[str, int]:
+        """Access-log ``error=`` texts (first 70 chars) and WARNING/ERROR lines since
+        ``offset`` in ``node``'s ztunnel log, counted."""
+        counts: dict[str, int] = {}
+        with self.mesh.log_path(node).open("rb") as f:
+            f.seek(offset)
+            for raw in f:
+                line = raw.decode(errors="replace")
+                key = ""
+                if 'error="' in line:
+                    key = "error=" + line.split('error="', 1)[1].split('"', 1)[0][:70]
+                elif "\twarn\t" in line or "\terror\t" in line:
+                    key = line.split("\t", 3)[-1].strip()[:90]
+                if key:
+                    counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:12])
+
+    def kernel_counters(self, pod: str) -> dict[str, int]:
+        """TCP counters of a pod's netns (``nstat``): drops, resets, TIME_WAIT reuse."""
+        ns = netns_path(self.mesh.pods[pod].netns)
+        p = subprocess.run(["nsenter", f"--net={ns}", "nstat", "-asz"], capture_output=True,
+                           text=True, timeout=10, check=False)
+        out = {}
+        for line in p.stdout.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] in KERNEL_COUNTERS:
+                out[parts[0]] = int(parts[1])
+        return out
 
     def both(self) -> dict[str, ProcStats]:
         return {"node-a": self.stats("node-a"), "node-b": self.stats("node-b")}
@@ -189,6 +246,8 @@ def hold_scenario(sm: SoakMesh, count: int, *, max_seconds: float = 600.0) -> Ho
     before = sm.both()
     name = f"hold{count}"
     status, release = sm.status_path(name), sm.mesh.run_dir / f"{name}.release"
+    for stale in (status, release):  # from an earlier round
+        stale.unlink(missing_ok=True)
     proc = sm.run_client(["hold", "--host", sm.server_ip, "--port", str(APP_PORT), "--count",
                           str(count), "--status", str(status), "--release-file", str(release),
                           "--max-seconds", str(max_seconds)], name)
@@ -226,13 +285,21 @@ class RateReport:
     after: dict[str, dict[str, Any]]
     peak_rss_kib: dict[str, int] = field(default_factory=dict)
     load: str = ""
+    closed_by_flag: dict[str, dict[str, float]] = field(default_factory=dict)
+    log_errors: dict[str, dict[str, int]] = field(default_factory=dict)
+    kernel: dict[str, dict[str, int]] = field(default_factory=dict)  # counter deltas per pod
 
 
 def rate_scenario(sm: SoakMesh, per_second: float, seconds: float) -> RateReport:
     """``per_second`` new connections per second for ``seconds``, each connect + echo + close."""
     before = sm.both()
+    flags0 = {n: sm.flags(n) for n in before}
+    offsets = {n: sm.log_offset(n) for n in before}
+    pods = ("load/client", "load/server")
+    k0 = {p: sm.kernel_counters(p) for p in pods}
     name = f"rate{int(per_second)}x{int(seconds)}"
     status = sm.status_path(name)
+    status.unlink(missing_ok=True)
     proc = sm.run_client(["rate", "--host", sm.server_ip, "--port", str(APP_PORT), "--rate",
                           str(per_second), "--seconds", str(seconds), "--status", str(status)],
                          name)
@@ -257,8 +324,16 @@ def rate_scenario(sm: SoakMesh, per_second: float, seconds: float) -> RateReport
     if result is None:
         raise SoakError(f"rate client wrote no result; see {sm.log(name)}")
     after = sm.settle(before, timeout=120)
+    by_flag = {}
+    for n in before:
+        now = sm.flags(n)
+        by_flag[n] = {f: v - flags0[n].get(f, 0) for f, v in now.items()
+                      if v - flags0[n].get(f, 0)}
     return RateReport(per_second, seconds, result, {k: asdict(v) for k, v in before.items()},
-                      {k: asdict(v) for k, v in after.items()}, peak, load)
+                      {k: asdict(v) for k, v in after.items()}, peak, load, by_flag,
+                      {n: sm.log_errors(n, offsets[n]) for n in before},
+                      {p: {k: v - k0[p].get(k, 0) for k, v in sm.kernel_counters(p).items()
+                           if v - k0[p].get(k, 0)} for p in pods})
 
 
 # --------------------------------------------------------------------------- slow peers
@@ -295,6 +370,8 @@ async def _until_closed(reader: asyncio.StreamReader, bound: float) -> str:
                                           max(0.01, end - asyncio.get_running_loop().time()))
             if not data:
                 return "eof"
+    except TimeoutError:  # before OSError, of which it is a subclass
+        raise
     except (ConnectionError, ssl.SSLError, OSError) as e:
         return f"reset ({type(e).__name__})"
     raise TimeoutError
@@ -351,8 +428,9 @@ async def _stream_peer(netns: str, ip: str, ctx: ssl.SSLContext, kind: str, boun
     and never read (HTTP/2 window closes; with ``tcp_nonreader`` not even TCP is read)."""
     t = time.monotonic()
     sock = await _dial(netns, ip)
+    # No keepalive of our own: a peer that gives up by itself would prove nothing.
     conn = await asyncio.wait_for(open_hbone_connection(
-        sock, ctx, trust_domain="cluster.local", expected=None), 10)
+        sock, ctx, trust_domain="cluster.local", expected=None, settings=NO_PINGS), 10)
     served: bool | None = None
     try:
         stream = await asyncio.wait_for(conn.open_stream(f"{ip}:{APP_PORT}"), 10)
@@ -385,9 +463,10 @@ async def _wait_reset(stream: HboneStream, bound: float, tcp_nonreader: bool,
     end = loop.time() + bound
     if tcp_nonreader:
         # Not reading TCP, we cannot see ztunnel's GOAWAY/FIN (it sits behind the bytes the
-        # kernel holds for us). Stay deaf for half the bound (several idle timeouts), then
+        # kernel holds for us). Stay deaf for half the bound, at most 30 s (several idle
+        # timeouts, and longer than ztunnel's keepalive needs to give up on us), then
         # read again: a connection ztunnel closed ends as soon as those bytes are drained.
-        resume_at = loop.time() + bound / 2
+        resume_at = loop.time() + min(bound / 2, 30.0)
         while loop.time() < end:
             await asyncio.sleep(0.5)
             if conn.closed.done():

@@ -141,15 +141,15 @@ async def hold(host: str, port: int, count: int, concurrency: int, status: str,
 
     async def one() -> None:
         async with sem:
-            w: asyncio.StreamWriter | None = None
+            opened: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
             try:
-                r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-                await _exchange(r, w, HELLO, timeout)
-                conns.append((r, w))
+                opened = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+                await _exchange(*opened, HELLO, timeout)
+                conns.append(opened)
             except (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError) as e:
                 errors[_err(e)] += 1
-                if w is not None:
-                    w.close()
+                if opened is not None:
+                    opened[1].close()
 
     t0 = time.monotonic()
     tasks = [asyncio.ensure_future(one()) for _ in range(count)]
