@@ -183,11 +183,12 @@ def test_unfinished_header_blocks_are_bounded(frames: int, size: int) -> None:
     srv = _server()
     srv.receive_data(hf.HeadersFrame(1, data=b"\x82").serialize(), 0.0)
     held = 1
-    for _ in range(frames):
+    for i in range(frames):
         try:
             srv.receive_data(hf.ContinuationFrame(1, data=b"\x82" * size).serialize(), 0.0)
         except HboneProtocolError:
-            assert held + size > header_block_limit(16 * 1024)
+            # our byte bound, or h2's own: at most 64 frames (HEADERS + 63 CONTINUATION)
+            assert held + size > header_block_limit(16 * 1024) or i + 2 > 64
             return
         held += size
     assert held <= header_block_limit(16 * 1024)
