@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ambient.config._common import FieldError, as_cidr, as_list, as_map, as_str, short
+from ambient.config._common import FieldError, as_cidr, as_list, as_map, as_str, check_keys, short
 from ambient.model import IPNetwork
 from waypoint.l7request import Request, strip_port
 
@@ -308,9 +308,7 @@ def _ports(raw: Any, where: str) -> tuple[int, ...]:
 
 def _source(raw: Any, where: str, td: str, ns: str) -> SourceMatch:
     raw = as_map(raw, where)
-    for k in raw:
-        if k not in _SOURCE_FIELDS:
-            raise FieldError(f"{where}: unknown field {short(k)}")
+    check_keys(raw, _SOURCE_FIELDS, where)
 
     def sa(key: str) -> tuple[StringMatch, ...]:
         out = []
@@ -344,9 +342,7 @@ def _source(raw: Any, where: str, td: str, ns: str) -> SourceMatch:
 
 def _operation(raw: Any, where: str) -> OperationMatch:
     raw = as_map(raw, where)
-    for k in raw:
-        if k not in _OP_FIELDS:
-            raise FieldError(f"{where}: unknown field {short(k)}")
+    check_keys(raw, _OP_FIELDS, where)
     return OperationMatch(
         methods=tuple(_strings(raw.get("methods"), f"{where}.methods")),
         not_methods=tuple(_strings(raw.get("notMethods"), f"{where}.notMethods")),
@@ -361,9 +357,7 @@ def _operation(raw: Any, where: str) -> OperationMatch:
 
 def _condition(raw: Any, where: str, problems: list[str]) -> Condition:
     raw = as_map(raw, where)
-    for k in raw:
-        if k not in ("key", "values", "notValues"):
-            raise FieldError(f"{where}: unknown field {short(k)}")
+    check_keys(raw, {"key", "values", "notValues"}, where)
     key = as_str(raw.get("key"), f"{where}.key")
     values = tuple(_strings(raw.get("values"), f"{where}.values"))
     not_values = tuple(_strings(raw.get("notValues"), f"{where}.notValues"))
@@ -389,15 +383,12 @@ def _condition(raw: Any, where: str, problems: list[str]) -> Condition:
 
 def _rule(raw: Any, where: str, td: str, ns: str, problems: list[str]) -> Rule:
     raw = as_map(raw, where)
-    for k in raw:
-        if k not in ("from", "to", "when"):
-            raise FieldError(f"{where}: unknown field {short(k)}")
+    check_keys(raw, {"from", "to", "when"}, where)
     sources = []
     for i, f in enumerate(as_list(raw.get("from"), f"{where}.from")):
         w = f"{where}.from[{i}]"
         f = as_map(f, w)
-        if set(f) - {"source"}:
-            raise FieldError(f"{w}: unknown field {short(sorted(set(f) - {'source'})[0])}")
+        check_keys(f, {"source"}, w)
         s = _source(f.get("source"), f"{w}.source", td, ns)
         if s.unsupported:
             problems.append(f"{w}.source: {', '.join(s.unsupported)} needs JWT, which this "
@@ -408,8 +399,7 @@ def _rule(raw: Any, where: str, td: str, ns: str, problems: list[str]) -> Rule:
     for i, t in enumerate(as_list(raw.get("to"), f"{where}.to")):
         w = f"{where}.to[{i}]"
         t = as_map(t, w)
-        if set(t) - {"operation"}:
-            raise FieldError(f"{w}: unknown field {short(sorted(set(t) - {'operation'})[0])}")
+        check_keys(t, {"operation"}, w)
         ops.append(_operation(t.get("operation"), f"{w}.operation"))
     conds = tuple(_condition(c, f"{where}.when[{i}]", problems)
                   for i, c in enumerate(as_list(raw.get("when"), f"{where}.when")))
@@ -433,9 +423,7 @@ def parse_targets(spec: dict[Any, Any]) -> tuple[PolicyTarget, ...]:
     for i, t in enumerate(raw):
         w = f"spec.targetRefs[{i}]"
         t = as_map(t, w)
-        for k in t:
-            if k not in ("group", "kind", "name", "namespace"):
-                raise FieldError(f"{w}: unknown field {short(k)}")
+        check_keys(t, {"group", "kind", "name", "namespace"}, w)
         kind = t.get("kind")
         if kind not in _TARGET_GROUPS:
             raise FieldError(f"{w}.kind {short(kind)} is not supported by this waypoint "
@@ -456,9 +444,8 @@ def parse_policy(obj: dict[str, Any], trust_domain: str,
     meta = as_map(obj.get("metadata"), "metadata")
     ns = str(meta.get("namespace") or "default")
     spec = as_map(obj.get("spec"), "spec")
-    for k in spec:
-        if k not in ("targetRefs", "targetRef", "selector", "action", "rules", "provider"):
-            raise FieldError(f"spec: unknown field {short(k)}")
+    check_keys(spec, {"targetRefs", "targetRef", "selector", "action", "rules", "provider"},
+               "spec")
     if spec.get("selector") is not None:
         raise FieldError("spec has both selector and targetRefs; Istio rejects such a policy")
     action = spec.get("action", "ALLOW")

@@ -36,10 +36,10 @@ from ambient.model import Service, Workload
 from ambient.store import Endpoint
 from waypoint import l7
 from waypoint.filters import MutableHeaders, run_request_filters, run_response_filters
-from waypoint.message import Body, BodyError, HttpRequest, HttpResponse
+from waypoint.message import Body, BodyError, HttpRequest, HttpResponse, get_header
 from waypoint.state import Snapshot
 from waypoint.telemetry import RequestRecord, WaypointMetrics
-from waypoint.upstream import Lease, UpstreamError, Upstreams
+from waypoint.upstream import Lease, UpstreamError, Upstreams, endpoint_addr
 
 __all__ = ["RETRY_BUFFER", "Exchange", "Tunnel", "grpc_status_for", "local_reply"]
 
@@ -136,7 +136,7 @@ class Exchange:
                 rec.flag("DC")
             grpc_status = None
             if rec.grpc:
-                grpc_status = _get(resp.body.trailers, "grpc-status") or resp.header(
+                grpc_status = get_header(resp.body.trailers, "grpc-status") or resp.header(
                     "grpc-status")
             rec.finish(resp.status, request_bytes=req.body.received, response_bytes=sent,
                        grpc_status=grpc_status, error=error)
@@ -154,10 +154,11 @@ class Exchange:
             rec.details = f"rbac_access_denied_matched_policy[{decision.policy or 'none'}]"
             log.debug("denied %s %s: %s", req.method, req.target, decision.reason)
             return local_reply(l7.DENY_STATUS, l7.DENY_BODY.decode(), grpc=grpc), None
-        filtered = await self._run_filters(lreq, req, rec, grpc)
-        if filtered is not None:
-            return filtered, None
-        lreq = self._l7_request(tunnel, req, grpc)  # filters may have changed headers
+        if self.filters:
+            filtered = await self._run_filters(lreq, req, rec, grpc)
+            if filtered is not None:
+                return filtered, None
+            lreq = self._l7_request(tunnel, req, grpc)  # filters may have changed headers
         action = l7.route(cfg, lreq)
         if isinstance(action, l7.NoRoute):
             rec.flag(action.response_flag)
@@ -208,8 +209,6 @@ class Exchange:
 
     async def _run_filters(self, lreq: l7.Request, req: HttpRequest, rec: RequestRecord,
                            grpc: bool) -> HttpResponse | None:
-        if not self.filters:
-            return None
         headers = MutableHeaders(req.headers)  # edits land in req.headers
         result = run_request_filters(self.filters, lreq, headers)
         if result.is_continue:
@@ -314,7 +313,7 @@ class Exchange:
                 rec.flag("UH")
                 return local_reply(503, "no healthy upstream", grpc=grpc), None
             rec.dst_workload = ep.workload
-            rec.upstream = _addr(ep)
+            rec.upstream = endpoint_addr(ep)
             rec.attempts = attempt + 1
             body = Body.of(replay, req.body.trailers) if replay is not None else req.body
             ureq = HttpRequest(req.method, req.scheme, req.authority, req.target, req.headers,
@@ -357,16 +356,4 @@ class Exchange:
 async def _discard(resp: HttpResponse, lease: Lease) -> None:
     ok = await resp.body.drain(RETRY_BUFFER)
     lease.release(ok)
-
-
-def _get(headers: Sequence[tuple[str, str]], name: str) -> str | None:
-    for k, v in headers:
-        if k == name:
-            return v
-    return None
-
-
-def _addr(ep: Endpoint) -> str:
-    ip = ep.workload.addresses[0] if ep.workload.addresses else "?"
-    return f"[{ip}]:{ep.target_port}" if ":" in str(ip) else f"{ip}:{ep.target_port}"
 

@@ -35,6 +35,7 @@ from waypoint.message import (
     Headers,
     HttpRequest,
     HttpResponse,
+    content_length,
     end_to_end,
     get_header,
 )
@@ -77,13 +78,6 @@ def _reason(status: int) -> bytes:
 async def _w(stream: ByteStream, data: bytes | None) -> None:
     if data:
         await stream.write(data)
-
-
-def _body_length(headers: Headers) -> int | None:
-    cl = get_header(headers, "content-length")
-    if cl is not None and cl.isdigit():
-        return int(cl)
-    return None
 
 
 class _Reader:
@@ -199,7 +193,7 @@ async def _serve_one(
 ) -> bool:
     headers = _decode(ev.headers)
     authority = get_header(headers, "host") or ""
-    length = _body_length(headers)
+    length = content_length(headers)
     if length is None and get_header(headers, "transfer-encoding") is None:
         length = 0  # RFC 9112 §6.3: a request without framing headers has no body
     body = Body(length=length)
@@ -269,6 +263,7 @@ class H1Client:
         self.reader = _Reader(self.conn, stream)
         self.broken = False
         self._sender: asyncio.Future[None] | None = None
+        self._pump: asyncio.Future[None] | None = None  # held so it is not collected mid-run
 
     @property
     def reusable(self) -> bool:
@@ -328,9 +323,9 @@ class H1Client:
             self.close()
             raise
         rheaders = _decode(ev.headers)
-        body = Body(length=_body_length(rheaders))
+        body = Body(length=content_length(rheaders))
         resp = HttpResponse(ev.status_code, rheaders, body)
-        asyncio.ensure_future(self._pump_response(body))
+        self._pump = asyncio.ensure_future(self._pump_response(body))
         return resp
 
     async def _send_body(self, body: Body) -> None:

@@ -38,6 +38,7 @@ from waypoint.message import (
     Headers,
     HttpRequest,
     HttpResponse,
+    content_length,
     end_to_end,
     get_header,
 )
@@ -230,7 +231,7 @@ class H2Conn:
             raise
         status = get_header(rheaders, ":status") or "0"
         regular = [(k, v) for k, v in rheaders if not k.startswith(":")]
-        st.body.length = _length(regular)
+        st.body.length = content_length(regular)
         return HttpResponse(int(status) if status.isdigit() else 502, regular, st.body)
 
     # -- internals ------------------------------------------------------------------------
@@ -382,7 +383,7 @@ class H2Conn:
         regular = [(k, v) for k, v in raw if not k.startswith(":")]
         st = _Stream(sid, body=Body(on_consumed=self._acker(sid)))
         assert st.body is not None
-        st.body.length = _length(regular)
+        st.body.length = content_length(regular)
         self._streams[sid] = st
         method = pseudo.get(":method", "GET")
         if self.on_request is None or method == "CONNECT":
@@ -415,8 +416,3 @@ class H2Conn:
         self._conn_window.set()
         if not self.closed.done():
             self.closed.set_result(None)
-
-
-def _length(headers: Headers) -> int | None:
-    cl = get_header(headers, "content-length")
-    return int(cl) if cl is not None and cl.isdigit() else None

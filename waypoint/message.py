@@ -33,6 +33,7 @@ __all__ = [
     "Headers",
     "HttpRequest",
     "HttpResponse",
+    "content_length",
     "end_to_end",
     "get_header",
 ]
@@ -57,6 +58,12 @@ def get_header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
         if k == name:
             return v
     return None
+
+
+def content_length(headers: Iterable[tuple[str, str]]) -> int | None:
+    """The declared ``content-length``, or None when absent or not a plain number."""
+    cl = get_header(headers, "content-length")
+    return int(cl) if cl is not None and cl.isdigit() else None
 
 
 def end_to_end(headers: Iterable[tuple[str, str]], *, keep_te_trailers: bool = False) -> Headers:

@@ -33,17 +33,17 @@ from typing import Any
 
 from ambient.certs import CertificateManager
 from ambient.hbone.aio import HboneConnectError, HboneStream, Incoming, serve_hbone
-from ambient.hbone.protocol import ConnectRequest, HboneSettings, format_authority
+from ambient.hbone.protocol import ConnectRequest, HboneSettings
 from ambient.identity import SpiffeId
 from ambient.model import Service, Workload
-from ambient.store import MeshState
+from ambient.store import Endpoint, MeshState
 from waypoint.exchange import Exchange, Tunnel
 from waypoint.h1 import Limits, serve_h1
 from waypoint.h2conn import PREFACE, H2Conn
 from waypoint.message import HttpRequest, HttpResponse
 from waypoint.state import Snapshot, WaypointState
 from waypoint.telemetry import TcpRecord, WaypointMetrics
-from waypoint.upstream import UpstreamError, Upstreams
+from waypoint.upstream import UpstreamError, Upstreams, endpoint_addr
 
 __all__ = ["WaypointProxy", "resolve_target", "sniff_protocol"]
 
@@ -286,8 +286,6 @@ class WaypointProxy:
         if svc is not None:
             endpoints = list(snap.mesh.endpoints(svc, tunnel.port))
         else:
-            from ambient.store import Endpoint
-
             assert tunnel.workload is not None
             endpoints = [Endpoint(tunnel.workload, tunnel.port)]
         ep = self.upstreams.pick(endpoints)
@@ -297,7 +295,7 @@ class WaypointProxy:
             rec.finish(0, 0, flags="UH", error="no healthy endpoint")
             return
         rec.dst_workload = ep.workload
-        rec.upstream = format_authority(ep.workload.addresses[0], ep.target_port)
+        rec.upstream = endpoint_addr(ep)
         try:
             up = await self.upstreams.tunnel(ep)
         except (UpstreamError, HboneConnectError) as e:

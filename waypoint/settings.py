@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ambient.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
+from waypoint.filters import parse_filter_list
 from ztunnel.config import SettingsError, parse_xds_address, termination_deadline
 
 __all__ = ["Settings", "SettingsError", "from_env"]
@@ -117,7 +118,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     log_format = env.get("LOG_FORMAT", "plain").strip() or "plain"
     if log_format not in ("plain", "json"):
         raise SettingsError(f"LOG_FORMAT={log_format!r}: expected plain or json")
-    filters = tuple(f.strip() for f in env.get("WAYPOINT_FILTERS", "").split(",") if f.strip())
+    filters = tuple(parse_filter_list(env.get("WAYPOINT_FILTERS", "")))
     return Settings(
         name=name, namespace=namespace, service_account=sa, trust_domain=td,
         cluster_id=env.get("CLUSTER_ID") or env.get("ISTIO_META_CLUSTER_ID") or "Kubernetes",

@@ -265,6 +265,8 @@ class RequestRecord:
         return ",".join(self.flags) if self.flags else "-"
 
     def labels(self, status: int, grpc_status: str | None) -> dict[str, str]:
+        """Every value is non-empty (``peer_labels`` fills ``unknown``) except
+        ``grpc_response_status``, which is empty for plain HTTP."""
         out = peer_labels(self.src_workload, self.src_principal, self.dst_workload,
                           self.service)
         out.update({
@@ -274,7 +276,7 @@ class RequestRecord:
             "response_flags": self.response_flags,
             "connection_security_policy": "mutual_tls",
         })
-        return {k: (v if v or k == "grpc_response_status" else UNKNOWN) for k, v in out.items()}
+        return out
 
     def finish(self, status: int, *, request_bytes: int, response_bytes: int,
                grpc_status: str | None = None, error: BaseException | str | None = None) -> bool:
@@ -361,10 +363,10 @@ class TcpRecord:
         self.finished = True
         m = self.metrics
         if m is not None:
-            key = self._key(flags)
-            m.tcp_closed.labels(*key).inc()
-            m.tcp_received.labels(*self._key("-")).inc(sent)
-            m.tcp_sent.labels(*self._key("-")).inc(received)
+            plain = self._key("-")
+            m.tcp_closed.labels(*(plain if flags == "-" else self._key(flags))).inc()
+            m.tcp_received.labels(*plain).inc(sent)
+            m.tcp_sent.labels(*plain).inc(received)
         err = None if error is None else (str(error) or type(error).__name__)
         fields: list[tuple[str, Any]] = [
             ("src.addr", Bare(format_addr(self.src_addr))),

@@ -35,7 +35,7 @@ from waypoint.h1 import H1Client, H1Error
 from waypoint.h2conn import H2Conn, H2Error
 from waypoint.message import HttpRequest, HttpResponse
 
-__all__ = ["Lease", "UpstreamError", "Upstreams"]
+__all__ = ["Lease", "UpstreamError", "Upstreams", "endpoint_addr"]
 
 log = logging.getLogger("waypoint.upstream")
 
@@ -153,10 +153,11 @@ class Upstreams:
                 # A kept-alive connection the upstream closed meanwhile: try a fresh one, if
                 # no byte of the body was taken yet.
                 if reused and req.body.read_bytes == 0:
-                    log.debug("stale upstream connection to %s: %s", _addr(ep), e)
+                    log.debug("stale upstream connection to %s: %s", endpoint_addr(ep), e)
                     continue
-                raise UpstreamError("UC", f"upstream {_addr(ep)}: {e}") from e
-        raise UpstreamError("UC", f"upstream {_addr(ep)}: every kept-alive connection failed")
+                raise UpstreamError("UC", f"upstream {endpoint_addr(ep)}: {e}") from e
+        raise UpstreamError(
+            "UC", f"upstream {endpoint_addr(ep)}: every kept-alive connection failed")
 
     def _h1_release(self, st: _Endpoint, client: H1Client) -> Callable[[bool], None]:
         def release(ok: bool) -> None:
@@ -179,7 +180,7 @@ class Upstreams:
         try:
             return await conn.request(req)
         except H2Error as e:
-            raise UpstreamError("UC", f"upstream {_addr(ep)}: {e}") from e
+            raise UpstreamError("UC", f"upstream {endpoint_addr(ep)}: {e}") from e
 
     async def _h2_conn(self, ep: Endpoint, st: _Endpoint) -> H2Conn:
         while True:
@@ -215,9 +216,7 @@ class Upstreams:
                       (ip, self.hbone_port))
         try:
             return await self.pool.connect(key, authority, [("traceparent", make_traceparent())])
-        except HboneConnectError as e:
-            raise UpstreamError("UF", f"HBONE to {_describe(wl)} at {authority}: {e}") from e
-        except OSError as e:
+        except (HboneConnectError, OSError) as e:
             raise UpstreamError("UF", f"HBONE to {_describe(wl)} at {authority}: {e}") from e
 
     async def close(self) -> None:
@@ -237,7 +236,8 @@ def _key(ep: Endpoint) -> tuple[str, int]:
     return (str(ep.workload.addresses[0]) if ep.workload.addresses else "", ep.target_port)
 
 
-def _addr(ep: Endpoint) -> str:
+def endpoint_addr(ep: Endpoint) -> str:
+    """``ip:port`` (``[v6]:port``) of an endpoint, for logs; ``ns/name`` without an address."""
     if not ep.workload.addresses:
         return f"{ep.workload.namespace}/{ep.workload.name}"
     return format_authority(ep.workload.addresses[0], ep.target_port)
