@@ -38,7 +38,7 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 
-_SYSCALL_NR = {"x86_64": 321, "aarch64": 280}
+_SYSCALL_NR = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -49,11 +49,10 @@ ATTR_SIZE = 128
 
 def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
     """Call ``bpf(cmd, attr, sizeof attr)``; returns the result or raises OSError."""
-    try:
-        nr = _SYSCALL_NR[platform.machine()]
-    except KeyError:
-        raise OSError(errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}") from None
-    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
+    if _SYSCALL_NR is None:
+        raise OSError(errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}")
+    ret = _libc.syscall(ctypes.c_long(_SYSCALL_NR), ctypes.c_int(cmd), attr,
+                        ctypes.c_uint(len(attr)))
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"bpf(cmd={cmd}): {os.strerror(err)}")

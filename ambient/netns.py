@@ -136,3 +136,29 @@ def run_in_netns(target: NetnsRef, fn: Callable[[], _T], timeout: float = 30.0) 
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["result"]  # type: ignore[return-value]
+
+
+def sysctl_path(key: str) -> str:
+    """``/proc/sys/<key>`` for ``net.ipv4.ip_forward`` or ``net/ipv4/ip_forward``.
+
+    A key holding a ``/`` is taken as a path (its dots, as in ``eth0.100``, are kept).
+    """
+    return "/proc/sys/" + (key if "/" in key else key.replace(".", "/"))
+
+
+def read_sysctl(target: NetnsRef, key: str) -> str:
+    """A per-netns sysctl of ``target``, read from a thread switched into it (stripped)."""
+    def read() -> str:
+        with open(sysctl_path(key), encoding="ascii") as f:
+            return f.read().strip()
+
+    return run_in_netns(target, read)
+
+
+def write_sysctl(target: NetnsRef, key: str, value: str | int) -> None:
+    """Write a per-netns sysctl of ``target`` (``/proc/sys/net`` resolves per thread)."""
+    def write() -> None:
+        with open(sysctl_path(key), "w", encoding="ascii") as f:
+            f.write(f"{value}\n")
+
+    run_in_netns(target, write)

@@ -161,9 +161,6 @@ def encode_hello(version: int = VERSION_V1) -> bytes:
 
 # ---------------------------------------------------------------------------------- decoding
 
-_TRUNC_FLAGS = socket.MSG_TRUNC | socket.MSG_CTRUNC
-
-
 def _frame_checks(data: bytes, flags: int, what: str) -> None:
     if flags & socket.MSG_TRUNC:
         raise ZdsProtocolError(

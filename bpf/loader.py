@@ -64,6 +64,7 @@ CGROUP_PROGS = (
     CgroupProg(PROG_GETPEER4, PROG_CGROUP_SOCK_ADDR, CGROUP_INET4_GETPEERNAME),
     CgroupProg(PROG_SOCKOPS, PROG_SOCK_OPS, CGROUP_SOCK_OPS),
 )
+CGROUP_ATTACH_TYPES = [p.attach_type for p in CGROUP_PROGS]
 TC_PROGS = (PROG_TC_IN, PROG_TC_LO, PROG_TC_VIRT_L2, PROG_TC_VIRT_L3)
 OUR_NAMES = frozenset([p.name for p in CGROUP_PROGS] + list(TC_PROGS))
 # name -> (map type, key size, value size): must match bpf/capture.c and ambient/bpfmap.py

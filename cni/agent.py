@@ -113,7 +113,7 @@ class AgentConfig:
 
 
 class NodeAgent:
-    """The agent's state machine; the asyncio edges (sockets, sources) live in ``agentmain``."""
+    """The agent's state machine; the asyncio edges (sockets, sources) live in ``agent_main``."""
 
     def __init__(self, config: AgentConfig, backend: CaptureBackend, zds: ZdsLike,
                  probe: ProbeSnatLike | None = None, annotate: Annotate | None = None) -> None:

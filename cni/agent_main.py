@@ -22,21 +22,21 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ambient.bpfmap import PIN_DIR
 from cni.agent import AgentConfig, Annotate, NodeAgent, load_checkpoint
 from cni.capture import default_backend_name, make_backend
 from cni.capture.base import BACKENDS, CaptureBackend, CaptureError
 from cni.capture.probe import ProbeSnat
 from cni.enroll import DEFAULT_EXCLUDED, REDIRECTION_ANNOTATION
-from cni.events import serve_events
+from cni.events import SOCKET_NAME, serve_events
+from cni.plugin import DEFAULT_RUN_DIR
 from cni.zds import ZdsServer
 from controlplane.objects import Update
 from ztunnel.httpserve import HttpServer, Request, Response, text
 
 log = logging.getLogger("cni.agent")
 
-DEFAULT_RUN_DIR = "/var/run/ambient-cni"
 DEFAULT_ZDS_SOCKET = "/var/run/ztunnel/ztunnel.sock"
-PLUGIN_SOCKET = "pluginevent.sock"
 STATE_FILE = "agent-state.msgpack"
 
 
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cgroup", default=env.get("CAPTURE_CGROUP", ""),
                    help="eBPF: cgroup v2 directory whose pods are captured (default: the "
                         "cgroup2 root)")
-    p.add_argument("--bpf-pin-dir", default=env.get("BPF_PIN_DIR", "/sys/fs/bpf/ambient"),
+    p.add_argument("--bpf-pin-dir", default=env.get("BPF_PIN_DIR", PIN_DIR),
                    help="eBPF: where the maps ztunnel reads are pinned")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--manifests", default=env.get("LOCAL_MANIFESTS_PATH", ""),
@@ -161,7 +161,7 @@ async def run(args: argparse.Namespace) -> int:
     await agent.synced.wait()
     await agent.reconcile()
     await zds.start()
-    events = await serve_events(os.path.join(args.run_dir, PLUGIN_SOCKET), agent.handle_event)
+    events = await serve_events(os.path.join(args.run_dir, SOCKET_NAME), agent.handle_event)
     tasks.append(asyncio.create_task(agent.retry_loop()))
 
     async def health(req: Request) -> Response:

@@ -50,6 +50,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from cni.enroll import DEFAULT_EXCLUDED
 from cni.events import (
     SOCKET_NAME,
     AgentReply,
@@ -81,7 +82,7 @@ ERR_AGENT_PROTOCOL = 101
 ERR_INTERNAL = 102
 
 DEFAULT_RUN_DIR = "/var/run/ambient-cni"
-DEFAULT_EXCLUDE = ("istio-system", "kube-system")
+DEFAULT_EXCLUDE = DEFAULT_EXCLUDED  # the agent's default too (cni.enroll)
 LOG_LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "none": 100}
 
 Sender = Callable[[PluginEvent], AgentReply]

@@ -44,7 +44,6 @@ __all__ = [
     "get_log_level",
     "access_fields",
     "emit",
-    "log_early_deny",
     "parse_directives",
     "reset_logging",
     "set_log_level",
@@ -295,27 +294,6 @@ def emit(logger: logging.Logger, level: int, message: str, fields: Sequence[tupl
     """Write one structured record if ``logger`` is enabled for ``level``."""
     if logger.isEnabledFor(level):
         logger.log(level, message, extra={"fields": list(fields)})
-
-
-def log_early_deny(
-    src: tuple[str, int],
-    dst: tuple[str, int],
-    reporter: str,
-    error: object,
-    logger: logging.Logger | None = None,
-) -> None:
-    """A ``connection failed`` warning for a connection refused before a result existed."""
-    emit(
-        logger or access_logger(),
-        logging.WARNING,
-        "connection failed",
-        [
-            ("src.addr", Bare(format_addr(src))),
-            ("dst.addr", Bare(format_addr(dst))),
-            ("direction", "outbound" if reporter == "source" else "inbound"),
-            ("error", str(error)),
-        ],
-    )
 
 
 def access_fields(

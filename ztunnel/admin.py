@@ -72,9 +72,6 @@ class ReadyToken:
             self.is_done = True
             self._parent._complete(self)
 
-    def subtask(self, name: str) -> ReadyToken:
-        return self._parent.register(name)
-
     def __enter__(self) -> ReadyToken:
         return self
 

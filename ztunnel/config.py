@@ -118,7 +118,6 @@ class Settings:
     log_level: str = "info"
     log_format: str = "plain"
     root_namespace: str = "istio-system"
-    extra: Mapping[str, str] = field(default_factory=dict)
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -51,7 +51,7 @@ def config_dump(zt: Ztunnel, inpod: WorkloadProxyManager | None = None) -> dict[
     }
     if inpod is not None:  # ZDS knows service accounts and pods whose listeners are pending
         dump["workloadState"].update(inpod.workload_state())
-    dump["config"] = {k: v for k, v in dataclasses.asdict(zt.settings).items() if k != "extra"}
+    dump["config"] = dataclasses.asdict(zt.settings)
     token = zt.settings.auth_token
     if token and not os.path.exists(token):  # a literal token, not a path: never show it
         dump["config"]["auth_token"] = "<redacted>"
@@ -184,10 +184,10 @@ def main() -> int:
     use_bpf_pin_dir(settings.bpf_pin_dir)
     try:
         import uvloop
-
-        return uvloop.run(run(settings))
     except ImportError:  # pragma: no cover
         return asyncio.run(run(settings))
+    # Outside the try: an ImportError raised while running must not start ztunnel twice.
+    return uvloop.run(run(settings))
 
 
 if __name__ == "__main__":

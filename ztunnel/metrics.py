@@ -18,7 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -35,7 +35,6 @@ __all__ = [
     "Cell",
     "Family",
     "Metrics",
-    "labels_key",
 ]
 
 UNKNOWN = "unknown"
@@ -77,11 +76,6 @@ LOCALITY_LABELS: tuple[str, ...] = (
     "destination_zone",
 )
 TRAFFIC_LABELS: tuple[str, ...] = COMMON_TRAFFIC_LABELS + LOCALITY_LABELS
-
-
-def labels_key(labels: Mapping[str, str]) -> tuple[str, ...]:
-    """The series key for a ``traffic_labels`` dict (missing or empty values -> ``unknown``)."""
-    return tuple(labels.get(name) or UNKNOWN for name in TRAFFIC_LABELS)
 
 
 def _version() -> str:

@@ -37,15 +37,14 @@ from ambient.certs import CertificateError, CertificateManager
 from ambient.hbone.aio import HboneConnectError, Incoming, serve_hbone
 from ambient.hbone.pool import HbonePool, PoolKey
 from ambient.hbone.protocol import ConnectRequest, build_request_headers
-from ambient.hbone.tcpleg import splice_hbone, splice_hbone_socket
+from ambient.hbone.tcpleg import splice_hbone, splice_hbone_socket, splice_tcp
 from ambient.identity import SpiffeId
 from ambient.model import Workload
 from ambient.store import MeshState, MeshStore
 from ambient.tls import classify_handshake_error
 from ztunnel.config import Settings
 from ztunnel.metrics import Metrics
-from ztunnel.relay import relay_streams
-from ztunnel.result import ConnectionResult, ConnectionTracker, ResponseFlags, flag_for_error
+from ztunnel.result import ConnectionResult, ConnectionTracker, ResponseFlags
 from ztunnel.route import Hbone, NoRoute, Passthrough, route_outbound, waypoint_bypass
 from ztunnel.sockets import dial_socket, listener, original_dst
 
@@ -332,8 +331,8 @@ class Ztunnel:
             writer.transport.abort()
             result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
             return
-        c = await relay_streams((reader, writer), up)
-        result.close(c.a_to_b, c.b_to_a, error=c.error)
+        sent, received, error = await splice_tcp((reader, writer), up)
+        result.close(sent, received, error=error)
 
     @staticmethod
     def _authorize(
@@ -457,8 +456,7 @@ class Ztunnel:
             stream = await pod.pool.connect(key, route.authority, headers)
         except (HboneConnectError, CertificateError, OSError) as e:
             writer.transport.abort()
-            flag = ResponseFlags.DENY if getattr(e, "status", None) == 401 else None
-            result.close(0, 0, error=e, response_flags=flag or flag_for_error(e))
+            result.close(0, 0, error=e)  # the flag comes from flag_for_error
             return
         r = await splice_hbone(stream, reader, writer)
         result.close(r.to_stream, r.from_stream, error=r.error)

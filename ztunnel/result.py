@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ambient.hbone.aio import HboneConnectError
 from ztunnel.accesslog import access_fields, access_logger, emit, format_addr
 from ztunnel.metrics import TRAFFIC_LABELS, UNKNOWN, Cell, Metrics
 
@@ -91,14 +93,14 @@ class Failure(Exception):
 
 
 def flag_for_error(error: BaseException) -> str:
-    """The response flag for an exception; anything unrecognised is ``CONNECT`` (as upstream)."""
+    """The response flag for an exception; anything unrecognised is ``CONNECT`` (as upstream).
+
+    An HBONE CONNECT the peer answered with 401 is its authorization policy saying no: DENY.
+    """
     if isinstance(error, Failure):
         return error.flag
-    flag = getattr(error, "response_flag", None)
-    if isinstance(flag, str) and flag in FAILURE_FLAGS:
-        return flag
-    import ssl
-
+    if isinstance(error, HboneConnectError) and error.status == 401:
+        return ResponseFlags.DENY
     if isinstance(error, ssl.SSLError | ssl.CertificateError):
         return ResponseFlags.TLS_FAILURE
     module = type(error).__module__
@@ -294,17 +296,6 @@ class ConnectionResult:
         return self
 
     def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close(error=exc)
-
-    async def __aenter__(self) -> ConnectionResult:
-        return self
-
-    async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,

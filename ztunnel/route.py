@@ -38,7 +38,7 @@ import ipaddress
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from ambient.hbone.protocol import format_authority
 from ambient.identity import IdentityError, SpiffeId
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from ambient.store import MeshState
 
 HBONE_PORT = 15008
-T = TypeVar("T")
 Choose = Callable[[Sequence[tuple["Workload", int]]], tuple["Workload", int]]
 
 

@@ -17,7 +17,6 @@ from ambient.netns import socket_in_netns
 
 SO_ORIGINAL_DST = 80
 IP_TRANSPARENT = 19
-IP_FREEBIND = 15
 
 
 def original_dst(

@@ -7,7 +7,7 @@ Invariants:
 - The cgroup2 mount is found from ``/proc/self/mountinfo`` (``/sys/fs/cgroup/unified`` on the
   project machines; never hard-coded).  Nothing is ever done at the cgroup2 root.
 - A process enters its cgroup *before* it execs the application (a tiny ``/bin/sh`` moves
-  itself with ``echo 0 > cgroup.procs`` and then execs ``ip netns exec <pod> argv``), so the
+  itself with ``echo 0 > cgroup.procs`` and then execs ``nsenter --net=<pod> argv``), so the
   PID we record is the application's and there is no window outside the cgroup.  No
   ``preexec_fn`` (unsafe in threaded programs).
 - Removal signals only PIDs the harness started, identified by (pid, start time) so a recycled
@@ -22,6 +22,8 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+
+from ambient.netns import netns_path
 
 CGROUP_ROOT_NAME = "ambient"
 
@@ -99,20 +101,22 @@ class PodProcess:
 NSENTER = "/usr/bin/nsenter"
 
 
-def _enter(netns: str) -> list[str]:
-    """Enter only the network namespace.  Unlike ``ip netns exec`` this keeps the host's
-    mounts: ``ip netns exec`` remounts /sys, hiding the cgroup2 and bpffs mounts the node
-    agent (eBPF capture) and ztunnel (pinned maps) need."""
-    path = netns if "/" in netns else os.path.join("/var/run/netns", netns)
-    return [NSENTER, f"--net={path}", "--"]
+def _in_pod_cmd(cgroup: str, netns: str, argv: list[str]) -> list[str]:
+    """``argv`` wrapped to join ``cgroup`` and then enter only the network namespace.
+
+    Unlike ``ip netns exec``, ``nsenter --net`` keeps the host's mounts: ``ip netns exec``
+    remounts /sys, hiding the cgroup2 and bpffs mounts the node agent (eBPF capture) and
+    ztunnel (pinned maps) need.
+    """
+    procs = os.path.join(cgroup, "cgroup.procs")
+    return ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', procs,
+            NSENTER, f"--net={netns_path(netns)}", "--", *argv]
 
 
 def start_in_pod(cgroup: str, netns: str, argv: list[str], *, env: dict[str, str] | None = None,
                  log_path: str | None = None, cwd: str | None = None) -> PodProcess:
     """Start ``argv`` inside ``cgroup`` and the netns named ``netns``.  Use absolute paths."""
-    procs = os.path.join(cgroup, "cgroup.procs")
-    cmd = ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', procs,
-           *_enter(netns), *argv]
+    cmd = _in_pod_cmd(cgroup, netns, argv)
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -126,9 +130,7 @@ def start_in_pod(cgroup: str, netns: str, argv: list[str], *, env: dict[str, str
 def run_in_pod(cgroup: str, netns: str, argv: list[str], *, env: dict[str, str] | None = None,
                timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run a short command inside ``cgroup`` and the netns ``netns``; wait for it (bounded)."""
-    procs = os.path.join(cgroup, "cgroup.procs")
-    cmd = ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', procs,
-           *_enter(netns), *argv]
+    cmd = _in_pod_cmd(cgroup, netns, argv)
     return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           env=env, timeout=timeout, check=False)
 

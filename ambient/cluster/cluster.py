@@ -46,6 +46,7 @@ from ambient.cluster.cni import (
     result_ipv4,
 )
 from ambient.cluster.echo import ProbeResult, wait_listening
+from ambient.netns import netns_path as ns_path
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class NodeHandle:
 
     @property
     def netns_path(self) -> str:
-        return f"/var/run/netns/{self.netns}"
+        return ns_path(self.netns)
 
 
 @dataclass
@@ -241,7 +242,7 @@ class LocalCluster:
         if netlink.netns_exists(ns):
             raise ClusterError(f"netns {ns} already exists; delete it with `ip netns del {ns}`")
         pod = PodHandle(name=name, namespace=namespace, node=node, netns=ns,
-                        netns_path=f"/var/run/netns/{ns}", ip="",
+                        netns_path=ns_path(ns), ip="",
                         cgroup=cgroups.pod_cgroup_path(self.name, name, node),
                         container_id=f"{self.name}-{name}", uid=uid or str(uuid.uuid4()),
                         service_account=service_account, labels=dict(labels or {}))

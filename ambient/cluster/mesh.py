@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from ambient.bpfmap import PIN_DIR
 from ambient.ca import CertificateAuthority
 from ambient.cluster import netlink
 from ambient.cluster.cluster import CLUSTER_SERVICES_IP, UNDERLAY_BRIDGE, LocalCluster, PodHandle
@@ -173,6 +174,10 @@ class LocalMesh:
     def zds_socket(self, node: str) -> Path:
         return self.run_dir / "nodes" / node / "ztunnel.sock"
 
+    def bpf_pin_dir(self, node: str) -> str:
+        """Where ``node``'s agent pins the eBPF maps its ztunnel reads."""
+        return os.path.join(PIN_DIR, f"{self.name}-{node}")
+
     def start_agent(self, node: str) -> Any:
         """Start (or restart) the node's CNI agent and wait until it answers /readyz."""
         assert self.cluster is not None
@@ -184,7 +189,7 @@ class LocalMesh:
             cg = self.cluster.pods_cgroup(node)
             self.cluster._record_node_cgroup(cg)
             os.makedirs(cg, exist_ok=True)
-            pins = self.cluster.own_path(f"/sys/fs/bpf/ambient/{self.name}-{node}")
+            pins = self.cluster.own_path(self.bpf_pin_dir(node))
             argv += ["--cgroup", cg, "--bpf-pin-dir", pins]
         self.agents[node] = self.cluster.start_node_process(node, argv, env=_env(),
                                                             log_name=f"_agent_{node}")
@@ -197,7 +202,6 @@ class LocalMesh:
         1: +100), so a second one can overlap with the first during a restart."""
         assert self.cluster is not None
         off = 100 * slot
-        assert self.cluster is not None
         cp = f"https://{CLUSTER_SERVICES_IP}:{CONTROLPLANE_TLS_PORT}"
         root = str(self.run_dir / "ca" / "root-cert.pem")
         env = {
@@ -216,7 +220,7 @@ class LocalMesh:
             **self.ztunnel_env,
         }
         if self.backend == "ebpf":
-            env["BPF_PIN_DIR"] = f"/sys/fs/bpf/ambient/{self.name}-{node}"
+            env["BPF_PIN_DIR"] = self.bpf_pin_dir(node)
         proc = self.cluster.start_node_process(node, [sys.executable, "-m", "ztunnel"], env=env)
         self.ztunnels[node] = proc
         self.ztunnel_slot[node] = slot

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from ambient.netns import netns_path, run_in_netns
+from ambient.netns import netns_path, read_sysctl, write_sysctl
 
 IP = "/usr/sbin/ip"
 _CMD_TIMEOUT = 30.0
@@ -121,20 +121,8 @@ def ip_in(ns: str, *args: str) -> str:
 
 def set_sysctl(ns: str, key: str, value: str | int) -> None:
     """Write ``/proc/sys/<key>`` (dots or slashes) inside ``ns``."""
-    path = "/proc/sys/" + key.replace(".", "/") if "/" not in key else "/proc/sys/" + key
-
-    def write() -> None:
-        with open(path, "w") as f:
-            f.write(f"{value}\n")
-
-    run_in_netns(netns_path(ns), write)
+    write_sysctl(netns_path(ns), key, value)
 
 
 def get_sysctl(ns: str, key: str) -> str:
-    path = "/proc/sys/" + key.replace(".", "/") if "/" not in key else "/proc/sys/" + key
-
-    def read() -> str:
-        with open(path) as f:
-            return f.read().strip()
-
-    return run_in_netns(netns_path(ns), read)
+    return read_sysctl(netns_path(ns), key)

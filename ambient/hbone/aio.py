@@ -165,16 +165,7 @@ class HboneStream:
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send bytes; returns once HTTP/2 window and the transport have room again."""
-        if self._error is not None:
-            raise self._error
-        if self._local_done:
-            raise StreamResetError(f"stream {self.stream_id}: write after write_eof")
-        try:
-            self._conn.proto.send_data(self.stream_id, data)
-        except StreamGone as e:
-            raise StreamResetError(str(e)) from None
-        self._activity += 1
-        self._conn._schedule_flush()
+        self._queue(data)
         conn = self._conn
         while self._error is None and (conn.proto.buffered(self.stream_id) or conn._paused):
             self._write_waiter = conn._loop.create_future()
@@ -191,6 +182,10 @@ class HboneStream:
         For callback-driven producers (``attach``): after False, wait for the consumer's
         ``stream_writable`` and check ``writable`` before sending more.
         """
+        self._queue(data)
+        return self.writable
+
+    def _queue(self, data: bytes | bytearray | memoryview) -> None:
         if self._error is not None:
             raise self._error
         if self._local_done:
@@ -201,7 +196,6 @@ class HboneStream:
             raise StreamResetError(str(e)) from None
         self._activity += 1
         self._conn._schedule_flush()
-        return self.writable
 
     @property
     def writable(self) -> bool:
@@ -272,21 +266,17 @@ class HboneStream:
             self._conn._schedule_flush()
 
     def _feed(self, data: bytes, n: int) -> None:
+        # ``data`` is never empty: the protocol acknowledges padding-only frames itself.
         self._activity += 1
         consumer = self._consumer
         if consumer is not None:
             self._pending_ack += n
-            if data:
-                consumer.stream_data(data)
+            consumer.stream_data(data)
             if not self._hold_acks:
                 self._ack()
             return
-        if data:
-            self._chunks.append(data)
+        self._chunks.append(data)
         self._unacked += n
-        if not data and n:  # padding only: nothing to deliver, give the window back
-            self._unacked -= n
-            self._conn.proto.acknowledge_received_data(self.stream_id, n)
         self._wake_reader()
 
     def _feed_eof(self) -> None:
@@ -745,11 +735,9 @@ def _status_message(status: int, authority: str) -> str:
 
 
 def _server_factory(
-    ssl_ctx: ssl.SSLContext, handler: Handler, trust_domain: str,
-    settings: HboneSettings | None, handshake_timeout: float | None = None,
-    idle_timeout: float | None = None,
+    handler: Handler, trust_domain: str, settings: HboneSettings | None,
+    handshake_timeout: float | None = None, idle_timeout: float | None = None,
 ) -> Callable[[], HboneConnection]:
-    del ssl_ctx
     loop = asyncio.get_running_loop()
 
     def factory() -> HboneConnection:
@@ -778,8 +766,7 @@ async def start_hbone_server(
     ``handshake_timeout`` bounds TLS plus the client's HTTP/2 preface; ``idle_timeout``
     (off when None or 0) resets streams and closes connections that stay idle."""
     loop = asyncio.get_running_loop()
-    factory = _server_factory(ssl_ctx, handler, trust_domain, settings, handshake_timeout,
-                              idle_timeout)
+    factory = _server_factory(handler, trust_domain, settings, handshake_timeout, idle_timeout)
     hs = handshake_timeout or None
     if sock is not None:
         return await loop.create_server(factory, sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=hs)
@@ -801,8 +788,7 @@ async def serve_hbone(
     Timeouts as for ``start_hbone_server``; a handshake that runs out raises
     ``ConnectionAbortedError`` (the socket is closed)."""
     loop = asyncio.get_running_loop()
-    factory = _server_factory(ssl_ctx, handler, trust_domain, settings, handshake_timeout,
-                              idle_timeout)
+    factory = _server_factory(handler, trust_domain, settings, handshake_timeout, idle_timeout)
     made: list[HboneConnection] = []
 
     def recording_factory() -> HboneConnection:

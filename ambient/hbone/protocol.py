@@ -253,7 +253,8 @@ class ConnectResponse(HboneEvent):
 
 @dataclass(frozen=True, slots=True)
 class StreamData(HboneEvent):
-    """Tunnel bytes; acknowledge ``flow_controlled_length`` once they are written onwards."""
+    """Tunnel bytes (never empty); acknowledge ``flow_controlled_length`` once they are
+    written onwards."""
 
     stream_id: int
     data: bytes
@@ -543,10 +544,6 @@ class _HboneConnection:
     # -- introspection --------------------------------------------------------------------
 
     @property
-    def open_streams(self) -> int:
-        return self._h2.open_outbound_streams + self._h2.open_inbound_streams
-
-    @property
     def peer_max_concurrent_streams(self) -> int:
         return self._h2.remote_settings.max_concurrent_streams
 
@@ -731,7 +728,7 @@ class _HboneConnection:
                 # Rejected stream, or an empty (END_STREAM / padding-only) frame.
                 self.acknowledge_received_data(sid, n)
             else:
-                out.append(StreamData(sid, ev.data or b"", n))
+                out.append(StreamData(sid, ev.data, n))
         elif isinstance(ev, h2.events.WindowUpdated):
             self._flush_all(out, None if not ev.stream_id else ev.stream_id)
         elif isinstance(ev, h2.events.StreamEnded):

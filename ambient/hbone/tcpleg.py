@@ -28,7 +28,7 @@ import os
 import socket
 from typing import Any, cast
 
-from .aio import HboneStream, RelayResult, StreamResetError, relay
+from .aio import READ_SIZE, HboneStream, RelayResult, StreamResetError, relay
 from .protocol import ErrorCode
 
 __all__ = ["HIGH_WATER", "adopt", "splice_hbone", "splice_hbone_socket", "splice_tcp",
@@ -37,7 +37,6 @@ __all__ = ["HIGH_WATER", "adopt", "splice_hbone", "splice_hbone_socket", "splice
 Pair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 HIGH_WATER = 1024 * 1024  # TCP write buffer above which the source is paused
-READ_SIZE = 256 * 1024  # read size of the fallback copy loops
 FAST_RELAY = os.environ.get("AMBIENT_FAST_RELAY", "1") != "0"
 
 
@@ -76,19 +75,16 @@ async def adopt(sock: socket.socket, protocol: asyncio.BaseProtocol) -> asyncio.
 class _Leg(asyncio.Protocol):
     """The TCP side of a relay; forwards transport callbacks to its relay."""
 
-    __slots__ = ("relay", "side", "transport", "write_paused")
+    __slots__ = ("relay", "side")
 
     def __init__(self, relay: _Relay, side: int) -> None:
         self.relay = relay
         self.side = side
-        self.transport: asyncio.Transport | None = None
-        self.write_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Only for ``adopt`` (``take_over`` swaps protocols and sets the transport itself);
+        # Only for ``adopt`` (``take_over`` swaps protocols; its caller sets the transport);
         # data may arrive before ``adopt`` returns, so the relay must know its transport now.
-        self.transport = cast(asyncio.Transport, transport)
-        self.relay.attached(self.side, self.transport)
+        self.relay.attached(self.side, cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
         self.relay.on_data(self.side, data)
@@ -101,11 +97,9 @@ class _Leg(asyncio.Protocol):
         self.relay.on_lost(self.side, exc)
 
     def pause_writing(self) -> None:
-        self.write_paused = True
         self.relay.on_sink_full(self.side)
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         self.relay.on_sink_drained(self.side)
 
 
@@ -258,7 +252,6 @@ async def splice_hbone(
     r = _HboneRelay(stream, result)
     tcp, pending, eof = take_over(reader, writer, r.leg)
     r.tcp = tcp
-    r.leg.transport = tcp
     return await _run_hbone(r, tcp, pending, eof)
 
 
@@ -370,7 +363,7 @@ async def splice_tcp(a: Pair, b: Pair | socket.socket) -> tuple[int, int, BaseEx
         return await _copy_streams(a, b)
     relay = _TcpRelay()
     ta, pending_a, eof_a = take_over(a[0], a[1], relay.legs[0])
-    relay.transports[0] = relay.legs[0].transport = ta
+    relay.transports[0] = ta
     if isinstance(b, socket.socket):
         # Nothing may come from ``a`` before its sink exists: hold it while ``b`` is wrapped.
         paused = ta.is_reading()
@@ -386,7 +379,7 @@ async def splice_tcp(a: Pair, b: Pair | socket.socket) -> tuple[int, int, BaseEx
         pending_b, eof_b = b"", False
     else:
         tb, pending_b, eof_b = take_over(b[0], b[1], relay.legs[1])
-    relay.transports[1] = relay.legs[1].transport = tb
+    relay.transports[1] = tb
     try:
         for i, pending, eof in ((0, pending_a, eof_a), (1, pending_b, eof_b)):
             if pending:

@@ -222,19 +222,3 @@ def validate(v: Values) -> None:
         if not p.startswith("/"):
             raise ValuesError(f"cni path {p!r} must be absolute")
 
-
-def to_dict(v: Values) -> dict[str, Any]:
-    """The values as a camelCase mapping (what a values file would hold)."""
-
-    def conv(x: Any) -> Any:
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            return {_camel(f.name): conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
-        if isinstance(x, dict):
-            return {k: conv(val) for k, val in x.items()}
-        if isinstance(x, list):
-            return [conv(i) for i in x]
-        return x
-
-    out = conv(v)
-    assert isinstance(out, dict)
-    return out

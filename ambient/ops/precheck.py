@@ -29,7 +29,6 @@ from cni.install import DEFAULT_CONF_DIR, InstallError, _load, is_ours, pick_pri
 
 __all__ = ["Finding", "SystemView", "exit_code", "format_findings", "gather", "run_checks"]
 
-SEVERITIES = ("ok", "info", "warning", "error")
 ISTIO_CNI_SOCKETS = ("/var/run/istio-cni/pluginevent.sock", "/var/run/istio-cni/log.sock")
 CONFLICTING_PLUGINS = {
     "istio-cni": "Istio's CNI plugin (istio-cni)",

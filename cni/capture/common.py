@@ -26,7 +26,7 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any
 
-from ambient.netns import run_in_netns
+from ambient.netns import read_sysctl, write_sysctl
 from cni.capture.base import CONNMARK, MARK_MASK, ROUTE_TABLE, RULE_PREF, CaptureError
 
 NSENTER = "/usr/bin/nsenter"
@@ -139,28 +139,12 @@ def check_policy_routing(netns: str) -> list[str]:
 
 # -- sysctl -----------------------------------------------------------------------------------
 
-def _sysctl_path(key: str) -> str:
-    return f"/proc/sys/{key}"
-
-
 def set_sysctl(netns: str, key: str, value: str) -> None:
     """Write a per-netns sysctl from a thread switched into ``netns``; raises CaptureError."""
-    def write() -> None:
-        with open(_sysctl_path(key), "w", encoding="ascii") as f:
-            f.write(value)
-
     try:
-        run_in_netns(netns, write)
+        write_sysctl(netns, key, value)
     except OSError as exc:
         raise CaptureError(f"sysctl {key.replace('/', '.')}={value} in {netns}: {exc}") from exc
-
-
-def read_sysctl(netns: str, key: str) -> str:
-    def read() -> str:
-        with open(_sysctl_path(key), encoding="ascii") as f:
-            return f.read().strip()
-
-    return run_in_netns(netns, read)
 
 
 def check_migrate_sysctl(netns: str) -> list[str]:

@@ -43,7 +43,15 @@ import socket
 import struct
 from typing import ClassVar
 
-from ambient.bpfmap import PIN_DIR, map_delete, map_keys, map_lookup, map_update, obj_get
+from ambient.bpfmap import (
+    PIN_DIR,
+    map_delete,
+    map_keys,
+    map_lookup,
+    map_update,
+    netns_cookie,
+    obj_get,
+)
 from bpf import cgroup, kernel_src, loader, tc
 from cni.capture.base import CaptureError, PodCapture
 from cni.capture.common import (
@@ -117,13 +125,12 @@ class EbpfBackend:
         if not os.path.isfile("/usr/include/linux/types.h"):
             return ("bcc cannot compile: no uapi headers in /usr/include/linux (apt-get install "
                     "linux-libc-dev) to build the kernel-source stand-in from")
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            s.getsockopt(socket.SOL_SOCKET, 71, 8)  # SO_NETNS_COOKIE
-        except OSError:
-            return "the kernel has no SO_NETNS_COOKIE (Linux >= 5.14 needed for eBPF capture)"
-        finally:
-            s.close()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                netns_cookie(s)
+            except OSError:
+                return ("the kernel has no SO_NETNS_COOKIE (Linux >= 5.14 needed for eBPF "
+                        "capture)")
         return None
 
     # -- node ---------------------------------------------------------------------------------
@@ -142,8 +149,7 @@ class EbpfBackend:
         progs = self._progs
         cg = cgroup.open_cgroup(self.cgroup_path)
         try:
-            types = [p.attach_type for p in loader.CGROUP_PROGS]
-            before = cgroup.attached(cg, types, loader.OUR_NAMES)
+            before = cgroup.attached(cg, loader.CGROUP_ATTACH_TYPES, loader.OUR_NAMES)
             mine = {}
             for p in loader.CGROUP_PROGS:
                 pid = cgroup.prog_id_of(progs.fd(p.name))
@@ -168,8 +174,7 @@ class EbpfBackend:
             cg = -1
         if cg >= 0:
             try:
-                types = [p.attach_type for p in loader.CGROUP_PROGS]
-                for a in cgroup.attached(cg, types, loader.OUR_NAMES):
+                for a in cgroup.attached(cg, loader.CGROUP_ATTACH_TYPES, loader.OUR_NAMES):
                     try:
                         cgroup.detach_id(cg, a.prog_id, a.attach_type)
                     except OSError as exc:
@@ -353,8 +358,8 @@ class EbpfBackend:
         except FileNotFoundError as exc:
             return [str(exc)]
         try:
-            types = [p.attach_type for p in loader.CGROUP_PROGS]
-            names = {a.name for a in cgroup.attached(cg, types, loader.OUR_NAMES)}
+            attached = cgroup.attached(cg, loader.CGROUP_ATTACH_TYPES, loader.OUR_NAMES)
+            names = {a.name for a in attached}
         except OSError as exc:
             return [f"cannot query programs on {self.cgroup_path}: {exc}"]
         finally:

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 
 import pytest
 import uvloop
@@ -74,6 +75,21 @@ async def echo_through(port: int, payload: bytes, first: bytes = b"") -> bytes:
     await t
     w.close()
     return bytes(back)
+
+
+async def hbone_server_and_pool(handler: Callable[..., Awaitable[None]]):
+    """An mTLS HBONE server on loopback running ``handler``, and a client pool with the key
+    that reaches it."""
+    srv = await start_hbone_server(handler, server_ctx(), trust_domain=TD, host="127.0.0.1")
+    hport = srv.sockets[0].getsockname()[1]
+
+    async def ctx_for(_ident: SpiffeId):
+        return client_ctx(CLIENT_ID)
+
+    pool = HbonePool(dial, ctx_for, trust_domain=TD)
+    key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}), None,
+                  (ipaddress.IPv4Address("127.0.0.1"), hport))
+    return srv, pool, key
 
 
 async def wait_for_results(results: list) -> None:
@@ -165,15 +181,7 @@ def test_splice_hbone_large_transfer_over_mtls(use_uvloop: bool) -> None:
             r, w = await asyncio.open_connection("127.0.0.1", req.port)
             results.append(await splice_hbone(incoming.accept(), r, w))
 
-        srv = await start_hbone_server(handler, server_ctx(), trust_domain=TD, host="127.0.0.1")
-        hport = srv.sockets[0].getsockname()[1]
-
-        async def ctx_for(_ident: SpiffeId):
-            return client_ctx(CLIENT_ID)
-
-        pool = HbonePool(dial, ctx_for, trust_domain=TD)
-        key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}), None,
-                      (ipaddress.IPv4Address("127.0.0.1"), hport))
+        srv, pool, key = await hbone_server_and_pool(handler)
         try:
             stream = await pool.connect(key, f"127.0.0.1:{echo_port}")
             payload = os.urandom(24 * 1024 * 1024)
@@ -265,15 +273,7 @@ def test_splice_hbone_socket_over_mtls_with_a_server_first_app(use_uvloop: bool)
             await asyncio.sleep(0.05)  # the banner is waiting in the socket before the relay
             results.append(await splice_hbone_socket(incoming.accept(), sock))
 
-        srv = await start_hbone_server(handler, server_ctx(), trust_domain=TD, host="127.0.0.1")
-        hport = srv.sockets[0].getsockname()[1]
-
-        async def ctx_for(_ident: SpiffeId):
-            return client_ctx(CLIENT_ID)
-
-        pool = HbonePool(dial, ctx_for, trust_domain=TD)
-        key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}), None,
-                      (ipaddress.IPv4Address("127.0.0.1"), hport))
+        srv, pool, key = await hbone_server_and_pool(handler)
         try:
             stream = await pool.connect(key, f"127.0.0.1:{app_port}")
             payload = os.urandom(8 * 1024 * 1024)

@@ -7,6 +7,7 @@ import ssl
 
 import pytest
 
+from ambient.hbone.aio import HboneConnectError
 from ambient.identity import SpiffeId
 from ambient.model import Locality, Service, Workload
 from ztunnel.metrics import COMMON_TRAFFIC_LABELS, TRAFFIC_LABELS, Metrics
@@ -285,6 +286,8 @@ def test_explicit_flag_wins_and_none_flag_is_not_failure():
         (ConnectionRefusedError(111, "refused"), "CONNECT"),
         (TimeoutError(), "CONNECT"),
         (ValueError("x"), "CONNECT"),
+        (HboneConnectError(401, "denied by the peer's policy"), "DENY"),
+        (HboneConnectError(503, "no upstream"), "CONNECT"),
     ],
 )
 def test_flag_for_error(exc, flag):
