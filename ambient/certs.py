@@ -90,6 +90,24 @@ class LocalCaProvider:
         return self.ca.issue(identity, self.ttl)
 
 
+def token_is_path(auth_token: str | None) -> bool:
+    """``AUTH_TOKEN`` names a file (re-read at each use) when it contains ``/`` or names an
+    existing file; otherwise it is the token itself.  One rule for the CA and xDS clients."""
+    import os
+
+    return bool(auth_token) and ("/" in str(auth_token) or os.path.exists(str(auth_token)))
+
+
+def read_token(path: str) -> str:
+    """The bearer token in ``path`` (``AUTH_TOKEN``), with an error saying what to mount."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise OSError(f"cannot read the token from {path} (AUTH_TOKEN): {exc}; is the "
+                      "projected service account token (audience istio-ca) mounted there?"
+                      ) from exc
+
+
 def grpc_ca_provider(
     target: str,
     plaintext: bool,
@@ -105,8 +123,6 @@ def grpc_ca_provider(
     """A :class:`GrpcCaProvider` from the proxies' settings, as Istio reads them:
     ``CA_ROOT_CA`` is a file, ``SYSTEM`` (the system store) or inline PEM; ``AUTH_TOKEN`` is
     a path (re-read on every call) when it contains ``/`` or names a file, else the token."""
-    import os
-
     root: bytes | None = None
     if not plaintext:
         if root_ca == "SYSTEM":
@@ -119,7 +135,7 @@ def grpc_ca_provider(
             except OSError as e:
                 raise OSError(f"CA_ROOT_CA={root_ca!r}: {e}; mount the mesh root (ConfigMap "
                               "istio-ca-root-cert) there, or set SYSTEM") from e
-    is_path = bool(auth_token) and ("/" in str(auth_token) or os.path.exists(str(auth_token)))
+    is_path = token_is_path(auth_token)
     return GrpcCaProvider(target, root, auth_token if is_path else None, cluster_id, ttl=ttl,
                           alt_hostname=alt_hostname, headers=headers, impersonate=impersonate,
                           token=None if is_path else auth_token)
@@ -183,12 +199,9 @@ class GrpcCaProvider:
         md += [(k.lower(), v) for k, v in self._headers.items()]
         if self._token_path is not None:
             try:
-                token = Path(self._token_path).read_text().strip()
+                token = read_token(self._token_path)
             except OSError as exc:
-                raise CertificateError(
-                    f"cannot read the CA token from {self._token_path}: {exc}; is the projected "
-                    "service account token (audience istio-ca) mounted there (AUTH_TOKEN)?"
-                ) from exc
+                raise CertificateError(str(exc)) from exc
             md.append(("authorization", f"Bearer {token}"))
         elif self._token:
             md.append(("authorization", f"Bearer {self._token}"))

@@ -369,10 +369,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     try:
         import uvloop
-
-        return uvloop.run(run(opts))
     except ImportError:  # pragma: no cover
         return asyncio.run(run(opts))
+    return uvloop.run(run(opts))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,10 +237,9 @@ def main() -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         import uvloop
-
-        return uvloop.run(run(settings))
     except ImportError:  # pragma: no cover
         return asyncio.run(run(settings))
+    return uvloop.run(run(settings))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import resource
 import signal
 import sys
@@ -26,6 +25,7 @@ from ambient.certs import (
     GrpcCaProvider,
     LocalCaProvider,
     grpc_ca_provider,
+    token_is_path,
 )
 from ambient.store import MeshStore
 from ztunnel.accesslog import configure_logging
@@ -53,7 +53,7 @@ def config_dump(zt: Ztunnel, inpod: WorkloadProxyManager | None = None) -> dict[
         dump["workloadState"].update(inpod.workload_state())
     dump["config"] = dataclasses.asdict(zt.settings)
     token = zt.settings.auth_token
-    if token and not os.path.exists(token):  # a literal token, not a path: never show it
+    if token and not token_is_path(token):  # a literal token, not a path: never show it
         dump["config"]["auth_token"] = "<redacted>"
     dump["version"] = __version__
     return dump

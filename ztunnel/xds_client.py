@@ -47,6 +47,7 @@ from ambient.api.envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from ambient.api.google.rpc import status_pb2
 from ambient.api.istio.security import authorization_pb2
 from ambient.api.istio.workload import workload_pb2
+from ambient.certs import read_token, token_is_path
 from ambient.model import ModelError, Policy, Service, Workload, from_proto
 from ambient.store import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, MeshStore
 from ztunnel.config import Settings, parse_xds_address
@@ -132,10 +133,8 @@ class XdsConfig:
         """gRPC metadata for a new stream (reads the token file now)."""
         md = [("clusterid", self.cluster_id)]
         if self.auth_token:
-            token = self.auth_token
-            if os.path.exists(token):
-                with open(token, encoding="utf-8") as f:
-                    token = f.read().strip()
+            token = (read_token(self.auth_token) if token_is_path(self.auth_token)
+                     else self.auth_token)
             md.append(("authorization", f"Bearer {token}"))
         md.extend(self.headers)
         return md

@@ -2,10 +2,11 @@
 
 The container runtime runs CNI plugins on the *host*, outside our image, so the launcher
 ``python -m cni.install`` writes must not point at the image's interpreter or source tree.
-This step copies what the plugin imports (``cni/plugin.py``, ``cni/events.py`` and msgpack's
-pure-Python modules, no compiled code) into ``<bin-dir>/ambient-cni.d`` and installs the
-launcher with the host's interpreter (``--host-python``, default ``/usr/bin/python3``, 3.11
-or newer) and the bundle's *host* path baked in, then chains our entry into the primary CNI
+This step copies what the plugin imports (``cni/plugin.py``, ``cni/events.py``,
+``cni/enroll.py`` and msgpack's pure-Python modules, no compiled code) into
+``<bin-dir>/ambient-cni.d`` and installs the launcher with the host's interpreter
+(``--host-python``, default ``/usr/bin/python3``, 3.11 or newer) and the bundle's *host*
+path baked in, then chains our entry into the primary CNI
 config.  ``uninstall`` removes the entry, the launcher and the bundle.
 
 Usage (inside the DaemonSet, host dirs mounted under ``/host``)::
@@ -28,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 BUNDLE_DIR = "ambient-cni.d"
-PLUGIN_MODULES = ("cni/__init__.py", "cni/plugin.py", "cni/events.py")
+PLUGIN_MODULES = ("cni/__init__.py", "cni/plugin.py", "cni/events.py", "cni/enroll.py")
 
 
 def bundle_files(source_root: Path, msgpack_dir: Path) -> list[tuple[Path, str]]:
