@@ -35,12 +35,13 @@ from ztunnel_fixtures import (
 
 from ambient import tls
 from ambient.ca import CertificateAuthority
-from ambient.cluster.capture import apply_capture
 from ambient.cluster.cluster import LocalCluster, PodHandle
 from ambient.cluster.echo import tcp_probe
 from ambient.hbone.pool import PoolKey
 from ambient.identity import SpiffeId
 from ambient.model import Action, Match, Policy, Scope, StringMatch, TunnelProtocol, Workload
+from cni.capture.base import PodCapture
+from cni.capture.iptables import IptablesBackend
 
 pytestmark = pytest.mark.netns
 
@@ -99,7 +100,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         for name, (ns, sa, node) in PODS.items():
             pod = cluster.add_pod(name, ns, node, service_account=sa)
             cluster.start_echo(pod, tcp_port=APP_PORT)
-            apply_capture(pod.netns)
+            IptablesBackend().apply(PodCapture(pod.uid, pod.name, pod.namespace,
+                                                     pod.netns_path))
             e.pods[name] = pod
             e.workloads[name] = _workload(pod)
         yield e

@@ -27,7 +27,6 @@ from ztunnel_fixtures import LoopThread, Node, hbone_attempt, start_node, stop_n
 
 from ambient import tls
 from ambient.ca import CertificateAuthority
-from ambient.cluster.capture import apply_capture
 from ambient.cluster.cluster import LocalCluster, PodHandle
 from ambient.cluster.echo import tcp_probe
 from ambient.hbone.aio import Incoming, open_hbone_connection, serve_hbone
@@ -42,6 +41,8 @@ from ambient.model import (
     Workload,
 )
 from ambient.netns import netns_path, socket_in_netns
+from cni.capture.base import PodCapture
+from cni.capture.iptables import IptablesBackend
 
 pytestmark = pytest.mark.netns
 
@@ -111,7 +112,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             if name != "wp":
                 cluster.start_echo(pod, tcp_port=APP_PORT)
             if captured:
-                apply_capture(pod.netns)
+                IptablesBackend().apply(PodCapture(pod.uid, pod.name, pod.namespace,
+                                                         pod.netns_path))
             e.pods[name] = pod
         yield e
     finally:

@@ -1,8 +1,7 @@
 """The iptables capture backend's pure parts: golden rendering (C.3), restore/removal
 payloads computed from a live ruleset, drift findings, and the shared policy-routing check.
 
-(These cases replace the former tests/unit/test_capture_rules.py; the compatibility module
-``ambient.cluster.capture`` is checked against the same golden files.)
+(These cases replace the former tests/unit/test_capture_rules.py.)
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from ambient.cluster.capture import CaptureConfig, render_iptables_rules, render_policy_routing
 from cni.capture.base import PodCapture
 from cni.capture.common import routing_drift
 from cni.capture.iptables import (
@@ -103,16 +101,6 @@ def test_variants_differ_only_where_the_contract_says() -> None:
 def test_no_dns_capture_yet() -> None:
     text = render_rules(POD)
     assert "15053" not in text and "*raw" not in text and "--dport 53" not in text
-
-
-def test_compat_module_renders_the_same() -> None:
-    assert render_iptables_rules() == _golden("iptables-default.rules")
-    assert render_iptables_rules(CaptureConfig(inbound_capture=False)) == _golden(
-        "iptables-bypass-inbound.rules")
-    assert render_policy_routing() == [
-        ["rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100"],
-        ["route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"],
-    ]
 
 
 # -- parsing and payloads ---------------------------------------------------------------------
