@@ -27,7 +27,7 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from ambient.identity import IdentityError, SpiffeId
+from ambient.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -66,7 +66,6 @@ __all__ = [
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_SERVICE_ACCOUNT = "default"
 DEFAULT_CLUSTER_ID = "Kubernetes"
 DEFAULT_CAPACITY = 1

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from ambient.api import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
 from ambient.model import (
     IPAddress,
     ModelError,
@@ -47,9 +48,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("ambient.store")
-
-ADDRESS_TYPE_URL = "type.googleapis.com/istio.workload.Address"
-AUTHORIZATION_TYPE_URL = "type.googleapis.com/istio.security.Authorization"
 
 _ADDRESS_KINDS = {"address", "workload", "service", ADDRESS_TYPE_URL}
 _POLICY_KINDS = {"authorization", "policy", AUTHORIZATION_TYPE_URL}
@@ -124,9 +122,6 @@ class MeshState:
 
     def service_by_key(self, key: str) -> Service | None:
         return self._services.get(key)
-
-    def services_by_hostname(self, hostname: str) -> list[Service]:
-        return [s for s in self._services.values() if s.hostname == hostname]
 
     def endpoint_workloads(self, service: Service | str) -> list[Workload]:
         """All workloads selected by the service (healthy or not), in uid order."""

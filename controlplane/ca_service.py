@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from ambient.api.istio.v1.auth import ca_pb2, ca_pb2_grpc
 from ambient.ca import DEFAULT_TTL, CaError, CertificateAuthority
 from ambient.identity import IdentityError, SpiffeId
+from controlplane.xds import peer_identity
 
 __all__ = [
     "ROOT_CONFIGMAP",
@@ -353,19 +354,6 @@ def clamp_ttl(requested_s: int, default: timedelta, maximum: timedelta) -> timed
 # -- the servicer --------------------------------------------------------------------------
 
 
-def _peer_identity(context: grpc.aio.ServicerContext) -> SpiffeId | None:
-    pems = (context.auth_context() or {}).get("x509_pem_cert") or []
-    if not pems:
-        return None
-    try:
-        leaf = x509.load_pem_x509_certificate(pems[0])
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-        return SpiffeId.parse(uris[0]) if len(uris) == 1 else None
-    except (ValueError, x509.ExtensionNotFound, IdentityError):
-        return None
-
-
 class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
     """grpc.aio servicer for ``CreateCertificate``; register with :meth:`add_to_server`."""
 
@@ -396,7 +384,7 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
         metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())
                     if isinstance(v, str)}
         try:
-            chain = await self._create(request, metadata, _peer_identity(context))
+            chain = await self._create(request, metadata, peer_identity(context.auth_context() or {}))
         except Unauthenticated as exc:
             log.warning("CA: refused an unauthenticated request: %s", exc)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))

@@ -73,10 +73,6 @@ class SnapshotCache:
     def get(self, type_url: str, name: str) -> Entry | None:
         return self._types.get(type_url, {}).get(name)
 
-    @property
-    def type_urls(self) -> frozenset[str]:
-        return frozenset(self._types)
-
     # -- watching --------------------------------------------------------------------------
     def watch(self, watcher: Watcher) -> Callable[[], None]:
         """Register ``watcher``; returns a function that unregisters it (idempotent)."""
@@ -124,11 +120,6 @@ class SnapshotCache:
             for type_url, names in out.items():
                 self._notify(type_url, names)
         return out
-
-    def replace(self, type_url: str, resources: Mapping[str, Message]) -> frozenset[str]:
-        """Make ``type_url`` hold exactly ``resources`` (a full resync)."""
-        gone = set(self._types.get(type_url, {})) - set(resources)
-        return self.apply(type_url, resources, gone)
 
     def _apply_one(
         self, type_url: str, upserts: Mapping[str, Message], removals: Iterable[str]

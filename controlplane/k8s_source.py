@@ -167,11 +167,8 @@ def parse_watch_line(line: bytes, api: KindApi) -> tuple[str, Obj, str | None]:
 def _lines(resp: Any) -> Iterator[bytes]:
     buf = b""
     for chunk in resp.stream(amt=None, decode_content=False):
-        buf += chunk
-        while (nl := buf.find(b"\n")) != -1:
-            line, buf = buf[:nl], buf[nl + 1:]
-            if line.strip():
-                yield line
+        *lines, buf = (buf + chunk).split(b"\n")  # linear in the chunk, however many lines
+        yield from (line for line in lines if line.strip())
     if buf.strip():
         yield buf
 

@@ -21,14 +21,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from ambient.api import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
 from ambient.config.manifests import Problems, Settings, Translator
 from controlplane.objects import ObjectStore, Update
 
 log = logging.getLogger("controlplane.pipeline")
 
-ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
-AUTHORIZATION_TYPE = "type.googleapis.com/istio.security.Authorization"
-TYPE_URLS = (ADDRESS_TYPE, AUTHORIZATION_TYPE)
+TYPE_URLS = (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL)
 
 
 @dataclass
@@ -50,7 +49,7 @@ class Changes:
 
 def type_url_of(msg: Any) -> str:
     name = msg.DESCRIPTOR.full_name
-    return AUTHORIZATION_TYPE if name == "istio.security.Authorization" else ADDRESS_TYPE
+    return AUTHORIZATION_TYPE_URL if name == "istio.security.Authorization" else ADDRESS_TYPE_URL
 
 
 class Pipeline:
@@ -68,7 +67,7 @@ class Pipeline:
         delta = self.translator.apply(upserts, deletes)
         out = Changes()
         for name in delta.removals:
-            t = self._types.pop(name, ADDRESS_TYPE)
+            t = self._types.pop(name, ADDRESS_TYPE_URL)
             out.removals[t].add(name)
         for name, msg in delta.upserts.items():
             t = type_url_of(msg)

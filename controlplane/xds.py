@@ -50,7 +50,7 @@ import grpc
 from ambient.api.envoy.config.core.v3 import base_pb2
 from ambient.api.envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from ambient.identity import IdentityError, SpiffeId
-from ambient.store import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
+from ambient.api import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
 from controlplane.cache import Entry, SnapshotCache
 
 __all__ = [

@@ -90,7 +90,6 @@ class Settings:
     ca_headers: tuple[tuple[str, str], ...] = ()
     secret_ttl_s: float = 24 * 3600
     # In-pod mode.
-    inpod_pods_path: str | None = None
     # ZDS socket (INPOD_UDS) served by the CNI node agent; pods then arrive over ZDS.  Unset
     # here means "no agent"; Istio's ztunnel defaults it to /var/run/ztunnel/ztunnel.sock.
     inpod_uds: str | None = None
@@ -226,13 +225,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
                                 "https://istiod.istio-system.svc:15012") from None
     if fake_ca and not ca_dir:
         raise SettingsError("FAKE_CA=true needs CA_DIR=<directory with ca-cert.pem, ca-key.pem>")
-    inpod_pods_path = env.get("INPOD_PODS_PATH") or None
     inpod_uds = env.get("INPOD_UDS") or None
-    if inpod_pods_path and inpod_uds:
-        raise SettingsError(
-            "INPOD_PODS_PATH and INPOD_UDS are mutually exclusive: pods come either from a "
-            "file (local mode) or from the CNI node agent over ZDS; set only one"
-        )
     level = env.get("RUST_LOG") or env.get("LOG_LEVEL") or "info"
     fmt = (env.get("LOG_FORMAT") or "plain").lower()
     if fmt not in ("plain", "json"):
@@ -261,7 +254,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         alt_ca_hostname=env.get("ALT_CA_HOSTNAME") or None,
         ca_headers=_xds_headers(env, "CA_HEADER_"),
         secret_ttl_s=_number(env, "SECRET_TTL", 24 * 3600, minimum=1),
-        inpod_pods_path=inpod_pods_path,
         inpod_uds=inpod_uds,
         bpf_pin_dir=env.get("BPF_PIN_DIR") or "/sys/fs/bpf/ambient",
         packet_mark=_int(env, "PACKET_MARK", 1337, minimum=1),

@@ -36,7 +36,7 @@ from ztunnel.metrics import Metrics
 from ztunnel.proxy import Ztunnel
 from ztunnel.result import ConnectionTracker
 from ztunnel.sockets import use_bpf_pin_dir
-from ztunnel.sources import ConfigWatcher, PodEntry, PodsWatcher
+from ztunnel.sources import ConfigWatcher
 from ztunnel.xds_client import XdsClient
 
 log = logging.getLogger("ztunnel")
@@ -119,13 +119,6 @@ async def run(settings: Settings) -> int:
             state_ready.done()
         tasks = [asyncio.create_task(watcher.run())]
 
-    async def add(p: PodEntry) -> None:
-        await zt.add_pod(p.uid, p.name, p.namespace, p.netns, workload_uid=p.workload_uid)
-
-    if settings.inpod_pods_path:
-        pods = PodsWatcher(settings.inpod_pods_path, add, zt.del_pod)
-        await pods.sync()
-        tasks.append(asyncio.create_task(pods.run()))
     if inpod is not None:
         tasks.append(asyncio.create_task(inpod.run()))
     else:

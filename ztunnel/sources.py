@@ -1,27 +1,23 @@
-"""File-backed inputs of a local ztunnel: mesh configuration and the pods it serves.
+"""File-backed mesh configuration of a local ztunnel.
 
-* Mesh configuration: ztunnel's local YAML (``LOCAL_XDS_PATH`` / ``LOCAL_XDS``) or a file
+Mesh configuration: ztunnel's local YAML (``LOCAL_XDS_PATH`` / ``LOCAL_XDS``) or a file
   of Kubernetes manifests (``LOCAL_MANIFESTS_PATH``), translated into the same protobuf
   resources the control plane would push, then applied to the store as one batch.  The file
   is polled for changes; a bad entry is rejected on its own (its last good version stays,
   and removals wait until the file is clean), and a file that cannot be read or parsed at
-  all leaves the last good configuration in force.
-* Pods: ``INPOD_PODS_PATH`` lists ``{uid, name, namespace, netns[, workloadUid]}`` entries
-  (what the CNI node agent hands over by ZDS in a cluster); entries that appear are
-  added and entries that disappear are removed.
+  all leaves the last good configuration in force.  (Pods come from the CNI node agent
+  over ZDS: ``ztunnel/inpod.py``.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ambient.config._common import load_yaml, load_yaml_documents
+from ambient.config._common import load_yaml_documents
 from ambient.config.local import parse_local_config
 from ambient.config.manifests import translate_manifests
 from ambient.store import MeshStore
@@ -183,93 +179,3 @@ class ConfigWatcher:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
             self.load_once()
-
-
-@dataclass(frozen=True)
-class PodEntry:
-    uid: str
-    name: str
-    namespace: str
-    netns: str
-    workload_uid: str | None = None
-
-
-def parse_pods(text: str) -> list[PodEntry]:
-    """Parse the pods file; raises ValueError naming the bad entry."""
-    data, err = load_yaml(text) if text.strip() else ([], None)
-    if err is not None:
-        raise ValueError(err)
-    if data is None:
-        data = []
-    if isinstance(data, dict):
-        data = data.get("pods", [])
-    if not isinstance(data, list):
-        raise ValueError("expected a list of pods")
-    pods = []
-    for i, item in enumerate(data):
-        if not isinstance(item, dict):
-            raise ValueError(f"pods[{i}]: expected a mapping")
-        missing = [k for k in ("uid", "name", "namespace", "netns") if not item.get(k)]
-        if missing:
-            raise ValueError(f"pods[{i}]: missing {', '.join(missing)}")
-        pods.append(PodEntry(str(item["uid"]), str(item["name"]), str(item["namespace"]),
-                             str(item["netns"]), item.get("workloadUid")))
-    return pods
-
-
-class PodsWatcher:
-    """Keeps the served pods equal to the pods file."""
-
-    def __init__(
-        self,
-        path: str,
-        add: Callable[[PodEntry], Awaitable[None]],
-        remove: Callable[[str], Awaitable[None]],
-    ) -> None:
-        self.path = path
-        self._add = add
-        self._remove = remove
-        self._stamp: Stamp | None = None
-        self.current: dict[str, PodEntry] = {}
-
-    async def sync(self) -> None:
-        try:
-            changed = read_if_changed(self.path, self._stamp)
-            if changed is None:
-                return
-            stamp, text = changed
-            wanted = {p.uid: p for p in parse_pods(text)}
-        except FileNotFoundError:
-            wanted = {}
-            stamp = (0.0, -1)
-        except (OSError, ValueError) as e:
-            log.error("pods file %s not applied: %s", self.path, e)
-            return
-        for uid in [u for u in self.current if u not in wanted]:
-            await self._remove(uid)
-            del self.current[uid]
-        failed = False
-        for uid, pod in wanted.items():
-            if self.current.get(uid) == pod:
-                continue
-            try:
-                await self._add(pod)
-                self.current[uid] = pod
-            except Exception as e:  # one bad pod must not stop the others
-                failed = True
-                log.error("cannot serve pod %s/%s (will retry): %s", pod.namespace, pod.name, e)
-        # Remember the file only when all of it is in force, so failed adds are retried.
-        self._stamp = None if failed else stamp
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(POLL_INTERVAL)
-            await self.sync()
-
-
-def write_pods_file(path: str, pods: list[dict[str, str]]) -> None:
-    """Atomically write a pods file (used by the local cluster harness)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(pods, f, indent=1)
-    os.replace(tmp, path)

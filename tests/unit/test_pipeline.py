@@ -10,9 +10,11 @@ import copy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ambient.api import ADDRESS_TYPE_URL as ADDRESS_TYPE
+from ambient.api import AUTHORIZATION_TYPE_URL as AUTHORIZATION_TYPE
 from ambient.config.manifests import translate_manifests
 from controlplane.objects import Update, object_key
-from controlplane.pipeline import ADDRESS_TYPE, AUTHORIZATION_TYPE, Pipeline
+from controlplane.pipeline import Pipeline
 
 NAMESPACES = ["a", "a", "b", "istio-system"]
 APPS = ["web", "db"]

@@ -82,11 +82,9 @@ VALID = [
     ("ca root ca", {"CA_ROOT_CA": "/etc/root.pem"}, "ca_root_ca", "/etc/root.pem"),
     ("alt ca hostname", {"ALT_CA_HOSTNAME": "istiod.x.svc"}, "alt_ca_hostname", "istiod.x.svc"),
     ("ca headers", {"CA_HEADER_X_TENANT": "a"}, "ca_headers", (("x_tenant", "a"),)),
-    ("pods path", {"INPOD_PODS_PATH": "/run/pods.json"}, "inpod_pods_path", "/run/pods.json"),
     ("zds socket", {"INPOD_UDS": "/var/run/ztunnel/ztunnel.sock"}, "inpod_uds", "/var/run/ztunnel/ztunnel.sock"),
     ("zds socket unset", {}, "inpod_uds", None),
     ("zds socket empty is unset", {"INPOD_UDS": ""}, "inpod_uds", None),
-    ("empty pods path with zds socket", {"INPOD_PODS_PATH": "", "INPOD_UDS": "/z.sock"}, "inpod_uds", "/z.sock"),
     ("network", {"NETWORK": "net1"}, "network", "net1"),
     ("root namespace", {"ROOT_NAMESPACE": "mesh"}, "root_namespace", "mesh"),
     ("http2 windows and frame size", {"HTTP2_STREAM_WINDOW_SIZE": "1048576", "HTTP2_FRAME_SIZE": "65536"}, "hbone", HboneSettings(stream_window=1 << 20, max_frame_size=1 << 16, connection_window=CONNECTION_WINDOW)),
@@ -146,7 +144,6 @@ INVALID = [
     ("xds address bad scheme", {"XDS_ADDRESS": "ftp://istiod:15012"}, "XDS_ADDRESS"),
     ("xds header bad key", {"XDS_HEADER_A B": "x"}, "XDS_HEADER_A B"),
     ("xds header grpc key", {"XDS_HEADER_GRPC-TIMEOUT": "1"}, "XDS_HEADER_GRPC-TIMEOUT"),
-    ("pods path and zds socket", {"INPOD_PODS_PATH": "/p.json", "INPOD_UDS": "/z.sock"}, "INPOD_UDS"),
     ("fake ca without ca dir", {"FAKE_CA": "true"}, "CA_DIR"),
     ("ca address without port", {"CA_ADDRESS": "istiod"}, "CA_ADDRESS"),
     ("ca header grpc key", {"CA_HEADER_GRPC-TIMEOUT": "1"}, "CA_HEADER_GRPC-TIMEOUT"),
@@ -212,7 +209,7 @@ PARSED = [
     "LOG_FORMAT", "SECRET_TTL", "CONNECTION_TERMINATION_DEADLINE",
     "TERMINATION_GRACE_PERIOD_SECONDS", "LOCAL_XDS_PATH", "LOCAL_XDS", "LOCAL_MANIFESTS_PATH",
     "XDS_ADDRESS", "FAKE_CA", "CA_DIR", "CA_ADDRESS", "RUST_LOG", "LOG_LEVEL",
-    "INPOD_PODS_PATH", "INPOD_UDS",
+    "INPOD_UDS",
 ]  # fmt: skip
 ADDRS = ["ADMIN_ADDR", "STATS_ADDR", "READINESS_ADDR"]
 # Text biased towards the shapes the parsers look at: digits, units, signs, colons, brackets.

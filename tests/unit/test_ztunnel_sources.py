@@ -5,27 +5,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import json
 import os
 
 import pytest
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from ambient.model import Action, Scope
 from ambient.store import MeshStore
 from ztunnel.config import Settings
 from ztunnel.sources import (
     ConfigWatcher,
-    PodEntry,
-    PodsWatcher,
     keep_last_good,
     load_config_text,
-    parse_pods,
-    write_pods_file,
 )
 
 SETTINGS = Settings()
@@ -98,69 +90,6 @@ def loaded_store():
 def policy_ports(state, key=POLICY_KEY):
     pol = state.policies[key]
     return [m.destination_ports for grp in pol.groups for rule in grp for m in rule]
-
-
-# -- parse_pods -------------------------------------------------------------------------------
-
-ENTRY = {"uid": "u1", "name": "a", "namespace": "shop", "netns": "/var/run/netns/a"}
-
-# (id, text, expected entries)
-PODS_VALID = [
-    ("empty text", "", []),
-    ("blank text", "  \n", []),
-    ("empty list", "[]", []),
-    ("list", json.dumps([ENTRY]), [PodEntry("u1", "a", "shop", "/var/run/netns/a")]),
-    ("pods mapping", json.dumps({"pods": [ENTRY]}), [PodEntry("u1", "a", "shop", "/var/run/netns/a")]),
-    ("mapping without pods", "{}", []),
-    ("workload uid", json.dumps([{**ENTRY, "workloadUid": "K//Pod/shop/a"}]), [PodEntry("u1", "a", "shop", "/var/run/netns/a", "K//Pod/shop/a")]),
-    ("yaml and numbers are strings", "- {uid: 7, name: a, namespace: shop, netns: 3}", [PodEntry("7", "a", "shop", "3")]),
-    ("two pods keep order", json.dumps([ENTRY, {**ENTRY, "uid": "u2", "name": "b"}]), [PodEntry("u1", "a", "shop", "/var/run/netns/a"), PodEntry("u2", "b", "shop", "/var/run/netns/a")]),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("text,want", [c[1:] for c in PODS_VALID], ids=[c[0] for c in PODS_VALID])
-def test_parse_pods_valid(text, want):
-    assert parse_pods(text) == want
-
-
-# (id, text, words the error must contain)
-PODS_INVALID = [
-    ("scalar", "hello", ["list"]),
-    ("number", "42", ["list"]),
-    ("pods not a list", json.dumps({"pods": {"a": 1}}), ["list"]),
-    ("entry not a mapping", json.dumps([ENTRY, "x"]), ["pods[1]", "mapping"]),
-    ("missing netns", json.dumps([{k: v for k, v in ENTRY.items() if k != "netns"}]), ["pods[0]", "netns"]),
-    ("missing uid and name at index 1", json.dumps([ENTRY, {"namespace": "shop", "netns": "x"}]), ["pods[1]", "uid", "name"]),
-    ("empty namespace", json.dumps([{**ENTRY, "namespace": ""}]), ["pods[0]", "namespace"]),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "text,words", [c[1:] for c in PODS_INVALID], ids=[c[0] for c in PODS_INVALID]
-)
-def test_parse_pods_invalid(text, words):
-    with pytest.raises(ValueError) as ei:
-        parse_pods(text)
-    for w in words:
-        assert w in str(ei.value)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.one_of(
-    st.text(max_size=60),
-    st.text(alphabet="[]{}:,- \n\"'uidnamespcetw0123", max_size=60),
-    st.lists(st.dictionaries(st.sampled_from(["uid", "name", "namespace", "netns", "workloadUid", "x"]),
-                             st.one_of(st.text(max_size=4), st.integers(), st.none(), st.lists(st.integers(), max_size=2)),
-                             max_size=5), max_size=4).map(json.dumps),
-))  # fmt: skip
-def test_parse_pods_fuzz_returns_entries_or_raises_value_or_yaml_error(text):
-    try:
-        pods = parse_pods(text)
-    except (ValueError, yaml.YAMLError):
-        return
-    for p in pods:
-        assert isinstance(p, PodEntry)
-        assert p.uid and p.name and p.namespace and p.netns
 
 
 # -- keep_last_good ---------------------------------------------------------------------------
@@ -525,139 +454,3 @@ def test_config_watcher_without_source_does_nothing():
     store = MeshStore()
     assert ConfigWatcher(Settings(), store).load_once() is None
     assert store.snapshot.version == 0
-
-
-# -- PodsWatcher ------------------------------------------------------------------------------
-
-
-class Recorder:
-    def __init__(self, fail_add=()):
-        self.calls = []
-        self.fail_add = set(fail_add)
-
-    async def add(self, pod):
-        self.calls.append(("add", pod.uid, pod.netns))
-        if pod.uid in self.fail_add:
-            self.fail_add.discard(pod.uid)
-            raise OSError(2, "No such file or directory", pod.netns)
-
-    async def remove(self, uid):
-        self.calls.append(("remove", uid))
-
-
-def _pods(*specs):
-    return [{"uid": u, "name": u, "namespace": "shop", "netns": n} for u, n in specs]
-
-
-def _write_pods(path, clock, pods):
-    write_pods_file(path, pods)
-    clock.t += 10
-    os.utime(path, (clock.t, clock.t))
-
-
-def test_pods_watcher_add_remove_change(tmp_path):
-    path, clock, rec = str(tmp_path / "pods.json"), _Clock(), Recorder()
-    w = PodsWatcher(path, rec.add, rec.remove)
-
-    async def scenario():
-        await w.sync()  # no file yet: nothing
-        assert rec.calls == [] and w.current == {}
-        _write_pods(path, clock, _pods(("u1", "/ns/1"), ("u2", "/ns/2")))
-        await w.sync()
-        assert rec.calls == [("add", "u1", "/ns/1"), ("add", "u2", "/ns/2")]
-        rec.calls.clear()
-        await w.sync()  # unchanged
-        assert rec.calls == []
-        _write_pods(path, clock, _pods(("u2", "/ns/2b"), ("u3", "/ns/3")))
-        await w.sync()
-        assert rec.calls == [("remove", "u1"), ("add", "u2", "/ns/2b"), ("add", "u3", "/ns/3")]
-        assert set(w.current) == {"u2", "u3"} and w.current["u2"].netns == "/ns/2b"
-        rec.calls.clear()
-        _write_pods(path, clock, _pods(("u2", "/ns/2b"), ("u3", "/ns/3")))
-        os.utime(path, (clock.t + 5, clock.t + 5))  # touched, same content
-        await w.sync()
-        assert rec.calls == []
-
-    asyncio.run(scenario())
-
-
-def test_pods_watcher_bad_file_keeps_current(tmp_path):
-    path, clock, rec = str(tmp_path / "pods.json"), _Clock(), Recorder()
-    w = PodsWatcher(path, rec.add, rec.remove)
-
-    async def scenario():
-        _write_pods(path, clock, _pods(("u1", "/ns/1")))
-        await w.sync()
-        rec.calls.clear()
-        for bad in ("[{uid: u1, name: x}]", "{not yaml: [", "42"):
-            clock.write(path, bad)
-            await w.sync()
-            assert rec.calls == [] and set(w.current) == {"u1"}
-        _write_pods(path, clock, [])
-        await w.sync()
-        assert rec.calls == [("remove", "u1")] and w.current == {}
-
-    asyncio.run(scenario())
-
-
-def test_pods_watcher_deleted_file_removes_all(tmp_path):
-    path, clock, rec = str(tmp_path / "pods.json"), _Clock(), Recorder()
-    w = PodsWatcher(path, rec.add, rec.remove)
-
-    async def scenario():
-        _write_pods(path, clock, _pods(("u1", "/ns/1")))
-        await w.sync()
-        os.remove(path)
-        await w.sync()
-        assert rec.calls[-1] == ("remove", "u1") and w.current == {}
-
-    asyncio.run(scenario())
-
-
-def test_pods_watcher_failed_add_is_not_current(tmp_path):
-    path, clock, rec = str(tmp_path / "pods.json"), _Clock(), Recorder(fail_add={"u1"})
-    w = PodsWatcher(path, rec.add, rec.remove)
-
-    async def scenario():
-        _write_pods(path, clock, _pods(("u1", "/ns/1"), ("u2", "/ns/2")))
-        await w.sync()
-        assert set(w.current) == {"u2"}  # u1 failed, u2 still served
-
-    asyncio.run(scenario())
-
-
-def test_pods_watcher_retries_a_failed_add(tmp_path):
-    path, clock, rec = str(tmp_path / "pods.json"), _Clock(), Recorder(fail_add={"u1"})
-    w = PodsWatcher(path, rec.add, rec.remove)
-
-    async def scenario():
-        _write_pods(path, clock, _pods(("u1", "/ns/1")))
-        await w.sync()  # the netns is not ready yet: add fails
-        await w.sync()  # same file: the pod should be retried
-        assert set(w.current) == {"u1"}
-
-    asyncio.run(scenario())
-
-
-def test_pods_watcher_deeply_nested_file_keeps_current(tmp_path):
-    path, clock, rec = str(tmp_path / "pods.json"), _Clock(), Recorder()
-    w = PodsWatcher(path, rec.add, rec.remove)
-
-    async def scenario():
-        _write_pods(path, clock, _pods(("u1", "/ns/1")))
-        await w.sync()
-        clock.write(path, "[" * 5000 + "]" * 5000)
-        await w.sync()
-        assert set(w.current) == {"u1"}
-
-    asyncio.run(scenario())
-
-
-def test_write_pods_file_round_trips(tmp_path):
-    path = str(tmp_path / "pods.json")
-    pods = _pods(("u1", "/ns/1"))
-    write_pods_file(path, pods)
-    assert parse_pods(open(path, encoding="utf-8").read()) == [
-        PodEntry("u1", "u1", "shop", "/ns/1")
-    ]
-    assert not os.path.exists(path + ".tmp")
