@@ -384,7 +384,8 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
         metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())
                     if isinstance(v, str)}
         try:
-            chain = await self._create(request, metadata, peer_identity(context.auth_context() or {}))
+            peer = peer_identity(context.auth_context() or {})
+            chain = await self._create(request, metadata, peer)
         except Unauthenticated as exc:
             log.warning("CA: refused an unauthenticated request: %s", exc)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))

@@ -47,10 +47,10 @@ from typing import Any, Protocol
 
 import grpc
 
+from ambient.api import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
 from ambient.api.envoy.config.core.v3 import base_pb2
 from ambient.api.envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from ambient.identity import IdentityError, SpiffeId
-from ambient.api import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
 from controlplane.cache import Entry, SnapshotCache
 
 __all__ = [

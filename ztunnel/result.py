@@ -5,8 +5,9 @@ Lifecycle (as istio/ztunnel's ``ConnectionResult``):
 - ``ConnectionResult.open(...)`` counts ``istio_tcp_connections_opened_total`` and
   ``istio_tcp_sockets_open``, writes a debug ``connection opened`` line, and registers the
   connection with a ``ConnectionTracker`` if one is given.
-- ``add_sent`` / ``add_recv`` count bytes as they flow (so long-lived connections show up in the
-  byte counters before they end); ``close`` may instead be given the totals.
+- ``add_sent`` / ``add_recv`` can count bytes as they flow; ztunnel's relays do not call them
+  (that would be Python work per chunk) and give ``close`` the totals instead, so a
+  connection's bytes reach the byte counters when it ends.
 - ``close(...)`` runs exactly once (later calls are ignored and return False): it counts
   ``closed``, the byte remainder and, for a failure flag, ``failed``; writes one
   ``connection complete`` line (level error when failed); leaves the tracker.
