@@ -121,6 +121,11 @@ class SnapshotCache:
                 self._notify(type_url, names)
         return out
 
+    def replace(self, type_url: str, resources: Mapping[str, Message]) -> frozenset[str]:
+        """Make ``type_url`` hold exactly ``resources`` (a full resync)."""
+        gone = set(self._types.get(type_url, {})) - set(resources)
+        return self.apply(type_url, resources, gone)
+
     def _apply_one(
         self, type_url: str, upserts: Mapping[str, Message], removals: Iterable[str]
     ) -> frozenset[str]:

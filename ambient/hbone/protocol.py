@@ -29,7 +29,6 @@ Invariants:
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 import struct
 from collections import deque
@@ -106,8 +105,6 @@ _KNOWN_REQUEST_PSEUDO: Final = frozenset({b":method", b":authority", b":scheme",
 _DATA_HEADER: Final = struct.Struct(">HBBBL")
 # Payload bytes copied into the frame header's write so that no TLS record is header-only.
 _HEADER_COALESCE: Final = 16 * 1024 - 9
-# AMBIENT_HBONE_OWN_DATA_FRAMES=0: let h2 frame DATA (the previous path; for A/B runs).
-OWN_DATA_FRAMES: Final = os.environ.get("AMBIENT_HBONE_OWN_DATA_FRAMES", "1") != "0"
 _SENDABLE_STATES: Final = frozenset({
     h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE,
 })
@@ -627,8 +624,6 @@ class _HboneConnection:
             # read, and h2 processed the reset before we saw the window event).
             self._outboxes.pop(stream_id, None)
             return False
-        if not OWN_DATA_FRAMES:
-            return self._flush_via_h2(stream_id, box)
         window = min(h2c.outbound_flow_control_window, stream.outbound_flow_control_window)
         max_frame = h2c.max_outbound_frame_size
         chunks = box.chunks
@@ -657,29 +652,6 @@ class _HboneConnection:
         # Charge h2's windows as its own send_data would (DATA does not change stream state).
         h2c.outbound_flow_control_window -= sent
         stream.outbound_flow_control_window -= sent
-        if chunks:
-            return False
-        del self._outboxes[stream_id]
-        if box.eof:
-            h2c.end_stream(stream_id)
-        return True
-
-    def _flush_via_h2(self, stream_id: int, box: _Outbox) -> bool:
-        h2c = self._h2
-        window = h2c.local_flow_control_window(stream_id)
-        max_frame = h2c.max_outbound_frame_size
-        chunks = box.chunks
-        while chunks and window > 0:
-            chunk = chunks[0]
-            n = min(len(chunk), window, max_frame)
-            if n == len(chunk):
-                chunks.popleft()
-                h2c.send_data(stream_id, chunk)
-            else:
-                h2c.send_data(stream_id, chunk[:n])
-                chunks[0] = chunk[n:]
-            box.size -= n
-            window -= n
         if chunks:
             return False
         del self._outboxes[stream_id]

@@ -15,20 +15,15 @@ Invariants:
   both directions ended, or at the first error, when both sides are aborted.
 * Byte counts are exact as bytes flow, so a relay cut short still reports what it carried.
 * Bytes the StreamReader had already buffered before the takeover are relayed first.
-
-``AMBIENT_FAST_RELAY=0`` selects the previous task-per-direction copy loops instead (kept for
-A/B measurements, see perf/README.md "Profile and optimisations").
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import socket
 from typing import Any, cast
 
-from .aio import READ_SIZE, HboneStream, RelayResult, StreamResetError, relay
+from .aio import HboneStream, RelayResult, StreamResetError
 from .protocol import ErrorCode
 
 __all__ = ["HIGH_WATER", "adopt", "splice_hbone", "splice_hbone_socket", "splice_tcp",
@@ -37,7 +32,6 @@ __all__ = ["HIGH_WATER", "adopt", "splice_hbone", "splice_hbone_socket", "splice
 Pair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 HIGH_WATER = 1024 * 1024  # TCP write buffer above which the source is paused
-FAST_RELAY = os.environ.get("AMBIENT_FAST_RELAY", "1") != "0"
 
 
 def take_over(
@@ -246,8 +240,6 @@ async def splice_hbone(
     Same contract as ``aio.relay``: half-close propagates, an error aborts both sides, the
     stream is closed and the TCP transport closed at the end; returns the byte counts.
     """
-    if not FAST_RELAY:
-        return await relay(stream, reader, writer)
     result = RelayResult()
     r = _HboneRelay(stream, result)
     tcp, pending, eof = take_over(reader, writer, r.leg)
@@ -257,9 +249,6 @@ async def splice_hbone(
 
 async def splice_hbone_socket(stream: HboneStream, sock: socket.socket) -> RelayResult:
     """``splice_hbone`` for a connected socket (ztunnel's dial to the application)."""
-    if not FAST_RELAY:
-        reader, writer = await asyncio.open_connection(sock=sock)
-        return await relay(stream, reader, writer)
     result = RelayResult()
     r = _HboneRelay(stream, result)
     try:
@@ -357,10 +346,6 @@ async def splice_tcp(a: Pair, b: Pair | socket.socket) -> tuple[int, int, BaseEx
 
     Returns (bytes a->b, bytes b->a, first error). Both transports are closed at the end.
     """
-    if not FAST_RELAY:
-        if isinstance(b, socket.socket):
-            b = await asyncio.open_connection(sock=b)
-        return await _copy_streams(a, b)
     relay = _TcpRelay()
     ta, pending_a, eof_a = take_over(a[0], a[1], relay.legs[0])
     relay.transports[0] = ta
@@ -392,49 +377,3 @@ async def splice_tcp(a: Pair, b: Pair | socket.socket) -> tuple[int, int, BaseEx
             if not t.is_closing():
                 t.close()
     return relay.copied[0], relay.copied[1], relay.error
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                counts: list[int], side: int) -> None:
-    while True:
-        data = await reader.read(READ_SIZE)
-        if not data:
-            break
-        writer.write(data)
-        counts[side] += len(data)
-        if writer.transport.get_write_buffer_size() > READ_SIZE:
-            await writer.drain()
-    await writer.drain()
-    if writer.can_write_eof() and not writer.is_closing():
-        writer.write_eof()
-
-
-async def _copy_streams(
-    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-) -> tuple[int, int, BaseException | None]:
-    """The previous implementation (a task per direction over the streams), for A/B runs."""
-    counts = [0, 0]
-    error: BaseException | None = None
-    tasks = [asyncio.ensure_future(_pipe(a[0], b[1], counts, 0)),
-             asyncio.ensure_future(_pipe(b[0], a[1], counts, 1))]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            if t.exception() is not None:
-                error = t.exception()
-                for _, w in (a, b):
-                    w.transport.abort()
-                break
-        else:
-            await asyncio.gather(*tasks)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for _, w in (a, b):
-            w.close()
-        for _, w in (a, b):
-            with contextlib.suppress(Exception):
-                await w.wait_closed()
-    return counts[0], counts[1], error
