@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ambient.bpfmap import PIN_DIR
+from ambient.hbone.aio import HANDSHAKE_TIMEOUT
 from ambient.hbone.protocol import HboneSettings
 from ambient.identity import DEFAULT_TRUST_DOMAIN
 
@@ -94,7 +96,7 @@ class Settings:
     # here means "no agent"; Istio's ztunnel defaults it to /var/run/ztunnel/ztunnel.sock.
     inpod_uds: str | None = None
     # (ours) where the eBPF capture backend pins the original-destination map.
-    bpf_pin_dir: str = "/sys/fs/bpf/ambient"
+    bpf_pin_dir: str = PIN_DIR
     packet_mark: int = 1337
     inpod_port_reuse: bool = True
     enable_orig_src: bool = True
@@ -110,7 +112,7 @@ class Settings:
     # Bounds on slow or silent HBONE peers on 15008 (ambient.hbone.aio): TLS + HTTP/2 preface
     # from the accept; a stream idle either way (0 = never) is reset, an unused connection
     # closed.  1h is Envoy's TCP proxy idle timeout, which sidecar users already live with.
-    hbone_handshake_timeout_s: float = 15.0
+    hbone_handshake_timeout_s: float = HANDSHAKE_TIMEOUT
     hbone_idle_timeout_s: float = 3600.0
     # Lifecycle and logging.
     termination_deadline_s: float = 5.0
@@ -255,7 +257,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ca_headers=_xds_headers(env, "CA_HEADER_"),
         secret_ttl_s=_number(env, "SECRET_TTL", 24 * 3600, minimum=1),
         inpod_uds=inpod_uds,
-        bpf_pin_dir=env.get("BPF_PIN_DIR") or "/sys/fs/bpf/ambient",
+        bpf_pin_dir=env.get("BPF_PIN_DIR") or PIN_DIR,
         packet_mark=_int(env, "PACKET_MARK", 1337, minimum=1),
         inpod_port_reuse=_bool(env, "INPOD_PORT_REUSE", True),
         enable_orig_src=_bool(env, "ENABLE_ORIG_SRC", True),
@@ -271,7 +273,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ),
         pool_max_streams=_int(env, "POOL_MAX_STREAMS_PER_CONNECTION", 100, minimum=1),
         pool_unused_release_s=_number(env, "POOL_UNUSED_RELEASE_TIMEOUT", 300.0),
-        hbone_handshake_timeout_s=_number(env, "HBONE_HANDSHAKE_TIMEOUT", 15.0, minimum=0.001),
+        hbone_handshake_timeout_s=_number(env, "HBONE_HANDSHAKE_TIMEOUT", HANDSHAKE_TIMEOUT,
+                                          minimum=0.001),
         hbone_idle_timeout_s=_number(env, "HBONE_IDLE_TIMEOUT", 3600.0),
         termination_deadline_s=termination_deadline(env),
         log_level=level,
