@@ -100,6 +100,11 @@ class Settings:
     packet_mark: int = 1337
     inpod_port_reuse: bool = True
     enable_orig_src: bool = True
+    # (ours) a connection between two pods this ztunnel serves skips HBONE: same checks and
+    # results, bytes relayed locally (ztunnel/samenode.py); KERNEL_SPLICE lets the kernel move
+    # them (the node agent's eBPF sockmap, pinned in BPF_PIN_DIR) when it is loaded.
+    same_node_shortcut: bool = True
+    kernel_splice: bool = True
     # Ports (own netns).
     admin_addr: tuple[str, int] = ("127.0.0.1", 15000)
     stats_addr: tuple[str, int] = ("0.0.0.0", 15020)
@@ -261,6 +266,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         packet_mark=_int(env, "PACKET_MARK", 1337, minimum=1),
         inpod_port_reuse=_bool(env, "INPOD_PORT_REUSE", True),
         enable_orig_src=_bool(env, "ENABLE_ORIG_SRC", True),
+        same_node_shortcut=_bool(env, "SAME_NODE_SHORTCUT", True),
+        kernel_splice=_bool(env, "KERNEL_SPLICE", True),
         admin_addr=_addr(env, "ADMIN_ADDR", ("127.0.0.1", 15000)),
         stats_addr=_addr(env, "STATS_ADDR", ("0.0.0.0", 15020)),
         readiness_addr=_addr(env, "READINESS_ADDR", ("0.0.0.0", 15021)),

@@ -46,6 +46,7 @@ from ztunnel.config import Settings
 from ztunnel.metrics import Metrics
 from ztunnel.result import ConnectionResult, ConnectionTracker, ResponseFlags
 from ztunnel.route import Hbone, NoRoute, Passthrough, route_outbound, waypoint_bypass
+from ztunnel.samenode import LocalSplicer, local_target
 from ztunnel.sockets import dial_socket, listener, original_dst
 
 log = logging.getLogger("ztunnel.proxy")
@@ -111,7 +112,10 @@ class Ztunnel:
         self.tracker = tracker if tracker is not None else ConnectionTracker()
         self.pods: dict[str, PodProxy] = {}
         self.draining = False
-        self._open_results: dict[asyncio.Task[Any], ConnectionResult] = {}
+        self._open_results: dict[asyncio.Task[Any], list[ConnectionResult]] = {}
+        self.local = LocalSplicer(settings.bpf_pin_dir, settings.kernel_splice)
+        self._served: tuple[tuple[int, int], dict[str, PodProxy]] = ((-1, -1), {})
+        self._pods_gen = 0
         # Inbound connections that passed authorization, re-checked when policy changes.
         self._authorized: dict[asyncio.Task[Any], _Authorized] = {}
         self._unsubscribe = store.subscribe(self._on_config_change)
@@ -171,6 +175,7 @@ class Ztunnel:
         )
         pod.accept_task = asyncio.create_task(self._accept_hbone(pod))
         self.pods[uid] = pod
+        self._pods_gen += 1
         wl = pod.workload(self.store.snapshot)
         if wl is not None:
             self.certs.prefetch(wl.identity())
@@ -184,6 +189,7 @@ class Ztunnel:
         pod = self.pods.pop(uid, None)
         if pod is None:
             return
+        self._pods_gen += 1
         await self._close_pod(pod, abort=True)
         self.metrics.active_proxy_count.labels().set(len(self.pods))
         self.metrics.proxies_stopped.labels().inc()
@@ -358,15 +364,26 @@ class Ztunnel:
         result = ConnectionResult.open(self.metrics, tracker=self.tracker, **kw)
         task = asyncio.current_task()
         if task is not None:
-            self._open_results[task] = result
+            self._open_results.setdefault(task, []).append(result)
         return result
 
     def _finish(self, task: asyncio.Task[Any]) -> None:
-        """Close the task's result if its handler was cut short (closing is idempotent)."""
-        result = self._open_results.pop(task, None)
-        if result is not None:
+        """Close the task's results if its handler was cut short (closing is idempotent)."""
+        for result in self._open_results.pop(task, ()):
             result.close(error="closed by ztunnel: drain deadline reached or pod removed",
                          response_flags=ResponseFlags.CONNECT)
+
+    def _served_pods(self, state: MeshState) -> dict[str, PodProxy]:
+        """The pods this ztunnel serves, by workload uid (for the same-node shortcut)."""
+        key = (state.version, self._pods_gen)
+        if self._served[0] != key:
+            served = {}
+            for pod in self.pods.values():
+                wl = pod.workload(state)
+                if wl is not None:
+                    served[wl.uid] = pod
+            self._served = (key, served)
+        return self._served[1]
 
     async def _pod_workload(self, pod: PodProxy) -> Workload | None:
         """The pod's Workload.  A pod can be served before its configuration arrives (a new
@@ -401,7 +418,12 @@ class Ztunnel:
             writer.transport.abort()
             return
         route = route_outbound(state, src, dst[0], dst[1], network=self.settings.network)
-        if isinstance(route, Hbone):
+        local = (local_target(route, self._served_pods(state))
+                 if self.settings.same_node_shortcut else None)
+        if local is not None:
+            assert isinstance(route, Hbone)
+            await self._outbound_local(pod, src, peer, route, local[0], local[1], reader, writer)
+        elif isinstance(route, Hbone):
             await self._outbound_hbone(pod, src, peer, dst, route, reader, writer)
         elif isinstance(route, Passthrough):
             await self._outbound_passthrough(pod, src, peer, route, reader, writer)
@@ -460,6 +482,61 @@ class Ztunnel:
             return
         r = await splice_hbone(stream, reader, writer)
         result.close(r.to_stream, r.from_stream, error=r.error)
+
+    async def _outbound_local(
+        self,
+        pod: PodProxy,
+        src: Workload,
+        peer: tuple[str, int],
+        route: Hbone,
+        dst_pod: PodProxy,
+        target: tuple[str, int],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """The same-node shortcut (ztunnel/samenode.py): the HBONE path's checks and results
+        on both sides, without the tunnel."""
+        state = self.store.snapshot
+        src_id = src.identity()
+        wl = dst_pod.workload(state)
+        out = self._result(
+            reporter="source", src=peer, dst=route.address, hbone_target=route.authority,
+            src_workload=src, dst_workload=route.workload, dst_service=route.service,
+            src_identity=src_id, dst_identity=route.workload.identity(),
+            security_policy="mutual_tls",
+        )
+        inb = self._result(
+            reporter="destination", src=peer, dst=target, hbone_target=route.authority,
+            src_workload=src, dst_workload=wl, src_identity=src_id,
+            dst_identity=wl.identity() if wl else None, security_policy="mutual_tls",
+        )
+        try:  # both certificates, as the tunnel would need them
+            await self.certs.client_ctx(src_id)
+            if wl is not None:
+                await self.certs.server_ctx(wl.identity())
+        except CertificateError as e:
+            writer.transport.abort()
+            inb.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
+            out.close(0, 0, error=e)
+            return
+        status = self._admit(state, dst_pod, wl, peer[0], src_id, target, route.authority, inb)
+        if status is not None:
+            writer.transport.abort()
+            out.close(0, 0, error=inb.error or f"destination refused ({status})",
+                      response_flags=ResponseFlags.DENY if status == 401 else
+                      ResponseFlags.CONNECT)
+            return
+        try:
+            app = await self._dial(dst_pod, target[0], target[1], source=self._orig_src(peer[0]))
+        except OSError as e:
+            writer.transport.abort()
+            inb.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
+            out.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
+            return
+        self._guard(dst_pod, peer[0], src_id, target, inb)
+        sent, received, error = await self.local.splice(reader, writer, app)
+        inb.close(sent, received, error=error)
+        out.close(sent, received, error=error)
 
     async def _outbound_passthrough(
         self,
@@ -574,6 +651,43 @@ class Ztunnel:
                 pod.tasks.discard(task)
                 self._finish(task)
 
+    def _admit(
+        self,
+        state: MeshState,
+        pod: PodProxy,
+        wl: Workload | None,
+        src_ip: str,
+        peer_id: SpiffeId,
+        dst: tuple[str, int],
+        authority: str,
+        result: ConnectionResult,
+    ) -> int | None:
+        """The destination's checks on a tunnelled connection (HBONE, or the same-node
+        shortcut): None to accept, else the HTTP status to refuse with (``result`` closed)."""
+        if wl is None or self.draining or self.pods.get(pod.uid) is not pod:
+            reason = "destination workload unknown" if wl is None else "ztunnel is draining"
+            result.close(0, 0, error=reason, response_flags=ResponseFlags.CONNECT)
+            return 503
+        if ipaddress.ip_address(dst[0]) not in wl.addresses:
+            result.close(
+                0, 0, error=f"authority {authority} is not an address of {wl.namespace}/{wl.name}",
+                response_flags=ResponseFlags.CONNECT,
+            )
+            return 400
+        # Traffic that must pass a waypoint is accepted only from that waypoint (stricter
+        # than Istio, which leaves it to an L4 policy; see ztunnel.route.waypoint_bypass).
+        bypass = waypoint_bypass(state, wl, dst[1], peer_id)
+        if bypass is not None:
+            result.set_decision(False, None, bypass)
+            result.close(0, 0, error=bypass, response_flags=ResponseFlags.DENY)
+            return 401
+        decision = self._authorize(state, wl, src_ip, peer_id, dst)
+        result.set_decision(decision.allowed, decision.policy, decision.reason)
+        if not decision.allowed:
+            result.close(0, 0, error=decision.reason, response_flags=ResponseFlags.DENY)
+            return 401
+        return None
+
     async def _inbound_hbone_stream(
         self, pod: PodProxy, request: ConnectRequest, peer_id: SpiffeId, incoming: Incoming
     ) -> None:
@@ -589,34 +703,11 @@ class Ztunnel:
             src_identity=peer_id, dst_identity=wl.identity() if wl else None,
             security_policy="mutual_tls",
         )
-        if wl is None or self.draining or self.pods.get(pod.uid) is not pod:
-            incoming.reject(503)
-            reason = "destination workload unknown" if wl is None else "ztunnel is draining"
-            result.close(0, 0, error=reason, response_flags=ResponseFlags.CONNECT)
+        status = self._admit(state, pod, wl, src_ip, peer_id, dst, request.authority, result)
+        if status is not None:
+            incoming.reject(status)
             return
-        if ipaddress.ip_address(request.host) not in wl.addresses:
-            incoming.reject(400)
-            result.close(
-                0, 0,
-                error=f"authority {request.authority} is not an address of "
-                f"{wl.namespace}/{wl.name}",
-                response_flags=ResponseFlags.CONNECT,
-            )
-            return
-        # Traffic that must pass a waypoint is accepted only from that waypoint (stricter
-        # than Istio, which leaves it to an L4 policy; see ztunnel.route.waypoint_bypass).
-        bypass = waypoint_bypass(state, wl, dst[1], peer_id)
-        if bypass is not None:
-            result.set_decision(False, None, bypass)
-            incoming.reject(401)
-            result.close(0, 0, error=bypass, response_flags=ResponseFlags.DENY)
-            return
-        decision = self._authorize(state, wl, src_ip, peer_id, dst)
-        result.set_decision(decision.allowed, decision.policy, decision.reason)
-        if not decision.allowed:
-            incoming.reject(401)
-            result.close(0, 0, error=decision.reason, response_flags=ResponseFlags.DENY)
-            return
+        assert wl is not None
         try:
             app = await self._dial(pod, dst[0], dst[1], source=self._orig_src(src_ip))
         except OSError as e:

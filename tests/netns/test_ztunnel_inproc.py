@@ -7,7 +7,8 @@ stores, metrics and certificates) over the same module-wide cluster, so a test t
 removes a pod leaves nothing behind for the next one.
 
 Topology: client-a (node1) -> server-b (node2) crosses nodes; client-a -> server-a2 (node1)
-stays on one node but still goes through HBONE.
+stays on one node: it takes the same-node shortcut (ztunnel/samenode.py; no HBONE, same checks
+and results) unless the test turns it off.
 """
 
 from __future__ import annotations
@@ -308,6 +309,58 @@ def test_policy_change_closes_an_open_connection_it_now_denies(
             reporter="destination", source_principal=src_id, response_flags="DENY"))
         # node1's ztunnel (its configuration unchanged) keeps its connection open.
         assert other.echo(b"after\n") == b"after\n"
+
+
+def test_same_node_shortcut_keeps_policy_and_late_rejection(
+    env: Env, mesh: Callable[..., Mesh]
+) -> None:
+    # _deny_client covers namespace "apps", where server-a2 (node1) lives too.
+    m = mesh(extra=[_deny_client(env, dry_run=False)])
+    node1 = m.nodes["node1"]
+    src_id = str(env.identity("client-a"))
+    r = _probe(env, "client-a", "server-a2")
+    assert _no_greeting(r), r
+    assert wait_until(lambda: node1.closed_series(reporter="destination",
+                                                  source_principal=src_id, response_flags="DENY"))
+    assert wait_until(lambda: node1.closed_series(reporter="source", source_principal=src_id,
+                                                  response_flags="DENY"))
+    assert not node1.closed_series(reporter="destination", response_flags="-")
+
+    # Allowed again (dry run), then denied while a connection is open: it is closed.
+    assert env.loop.run(_apply(node1, [_deny_client(env, dry_run=True)])) == []
+    with HeldConnection(env.pods["client-a"].netns, env.pods["server-a2"].ip, APP_PORT) as held:
+        assert held.echo(b"before\n") == b"before\n"
+        assert env.loop.run(_apply(node1, [_deny_client(env, dry_run=False)])) == []
+        assert held.wait_closed(), "the same-node connection the new policy denies stayed open"
+
+
+async def _apply(node: Node, objs: list[Any]) -> list[Any]:
+    return node.store.apply(objs)  # on ztunnel's loop, as its config sources do
+
+
+@pytest.mark.parametrize("shortcut", [True, False], ids=["shortcut", "hbone-to-itself"])
+def test_same_node_shortcut_skips_the_tunnel_only(
+    env: Env, mesh: Callable[..., Mesh], shortcut: bool
+) -> None:
+    m = mesh(node1={"same_node_shortcut": shortcut})
+    node1 = m.nodes["node1"]
+    client = env.pods["client-a"]
+    payload = b"y" * 5000 + b"\n"
+    r = _probe(env, "client-a", "server-a2", payload)
+    assert r.ok, r.error
+    assert r.seen_client is not None and r.seen_client[0] == client.ip
+    want = dict(source_principal=str(env.identity("client-a")),
+                destination_principal=str(env.identity("server-a2")),
+                connection_security_policy="mutual_tls", response_flags="-")
+    for reporter in ("source", "destination"):
+        assert wait_until(lambda r=reporter: node1.closed_series(reporter=r, **want)), reporter
+    received = node1.series("received_bytes", reporter="destination",
+                            source_principal=want["source_principal"])
+    assert received and received[0][1] >= len(payload)
+    pool = node1.zt.pods[client.uid].pool
+    assert pool is not None
+    # With the shortcut no HBONE connection is opened to the node's own pod.
+    assert (pool.connection_count == 0) is shortcut
 
 
 # ------------------------------------------------------------------------------- 4. del_pod

@@ -1,0 +1,149 @@
+"""The same-node shortcut: a connection between two pods this ztunnel serves skips HBONE.
+
+Role: Istio's ztunnel tunnels even to a pod on its own node: TLS to itself, HTTP/2 CONNECT, and
+back in through its own 15008 listener.  Both ends of that tunnel are this process, so the
+tunnel proves nothing the process does not already know, and it costs about three times the CPU
+of the connection itself (``perf/README.md``).  Here such a connection keeps every check and
+record of the HBONE path (``ztunnel.proxy.Ztunnel._outbound_local``):
+
+* the source pod's certificate must exist (no certificate, no traffic, as for HBONE), and the
+  destination's too;
+* the destination's inbound checks run exactly as for a CONNECT: the workload's own address,
+  waypoint bypass refusal, L4 authorization with the *source's SPIFFE identity* as principal
+  (ztunnel captured the connection in the source pod's network namespace: that is the identity
+  it would have put in the client certificate), late rejection on policy changes;
+* the application is dialled from the destination pod's namespace with the client's IP;
+* both reporters' results are written with the labels the tunnel gives
+  (``connection_security_policy="mutual_tls"``, both principals).
+
+Only the bytes take a shorter way: from one pod socket to the other, through the kernel (the
+node agent's eBPF sockmap, :mod:`ambient.splicemap`) when it is loaded, else through ztunnel's
+TCP relay.  Both legs are sockets inside the two pods' own namespaces, so plaintext never
+crosses the node's network (the veths), exactly as with HBONE.  ``SAME_NODE_SHORTCUT=false``
+restores Istio's behaviour (HBONE to itself); ``KERNEL_SPLICE=false`` keeps the relay in
+userspace.
+
+This module holds the pure decision (:func:`local_target`) and the splice glue; the checks live
+with the other handlers in ``ztunnel/proxy.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ambient.hbone.protocol import parse_authority
+from ambient.hbone.tcpleg import splice_tcp
+from ztunnel.route import HBONE_PORT, Hbone, Route
+
+if TYPE_CHECKING:
+    from ambient.splicemap import KernelSplice
+
+log = logging.getLogger("ztunnel.samenode")
+
+P = TypeVar("P")
+
+# How often a missing kernel splice (the agent has not loaded it yet) is looked for again.
+REOPEN_INTERVAL_S = 10.0
+
+
+def local_target(route: Route, served: Mapping[str, P]) -> tuple[P, tuple[str, int]] | None:
+    """The served pod and ``(ip, port)`` a route may reach without HBONE, or None.
+
+    Only a direct HBONE route (not to a waypoint: that is another process, with its own
+    policy) to the HBONE port of a workload whose pod this ztunnel serves (``served``: by
+    workload uid) qualifies.
+    """
+    if not isinstance(route, Hbone) or route.waypoint or route.address[1] != HBONE_PORT:
+        return None
+    pod = served.get(route.workload.uid)
+    if pod is None:
+        return None
+    try:
+        host, port = parse_authority(route.authority)
+    except ValueError:
+        return None
+    return pod, (str(host), port)
+
+
+class LocalSplicer:
+    """Moves the bytes of a shortcut connection: kernel splice when available, else the relay."""
+
+    def __init__(self, pin_dir: str, kernel: bool) -> None:
+        self._pin_dir = pin_dir
+        self._kernel_enabled = kernel
+        self._kernel: KernelSplice | None = None
+        self._next_try = 0.0
+        self.kernel_used = 0  # connections the kernel carried (for tests and the admin)
+
+    def _kernel_splice(self) -> KernelSplice | None:
+        if not self._kernel_enabled:
+            return None
+        if self._kernel is None and time.monotonic() >= self._next_try:
+            self._next_try = time.monotonic() + REOPEN_INTERVAL_S
+            try:
+                from ambient.splicemap import KernelSplice
+            except ImportError:  # pragma: no cover - the module ships with ztunnel
+                self._kernel_enabled = False
+                return None
+            self._kernel = KernelSplice.open(self._pin_dir)
+            if self._kernel is not None:
+                log.info("same-node connections are spliced in the kernel (%s)", self._pin_dir)
+        return self._kernel
+
+    async def splice(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, app: socket.socket
+    ) -> tuple[int, int, BaseException | None]:
+        """Relay client <-> app until both sides end; returns (to app, to client, error)."""
+        kernel = self._kernel_splice()
+        if kernel is not None:
+            detached = _detach(reader, writer)
+            if detached is not None:
+                sock, pending = detached
+                from ambient.splicemap import SpliceUnavailable
+                try:
+                    result = await kernel.splice(sock, app, pending=pending)
+                except SpliceUnavailable as e:
+                    log.info("kernel splice unavailable (%s); relaying in ztunnel", e)
+                    _reattach(reader, writer, sock, pending)
+                else:
+                    self.kernel_used += 1
+                    writer.transport.abort()  # the splice closed its copy of the socket
+                    return result
+        return await splice_tcp((reader, writer), app)
+
+
+def _detach(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> tuple[socket.socket, bytes] | None:
+    """Stop the transport reading and return a duplicate of its socket plus the bytes the
+    StreamReader already holds (they must reach the application first)."""
+    transport: Any = writer.transport
+    raw = transport.get_extra_info("socket")
+    if raw is None or transport.is_closing() or transport.get_write_buffer_size():
+        return None
+    transport.pause_reading()
+    try:
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+    except OSError:
+        transport.resume_reading()
+        return None
+    sock.setblocking(False)
+    buf: bytearray = getattr(reader, "_buffer", bytearray())
+    pending = bytes(buf)
+    buf.clear()
+    return sock, pending
+
+
+def _reattach(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+              sock: socket.socket, pending: bytes) -> None:
+    """Undo :func:`_detach` before any byte moved (the kernel splice refused)."""
+    sock.close()
+    if pending:
+        reader.feed_data(pending)
+    writer.transport.resume_reading()  # type: ignore[attr-defined]
