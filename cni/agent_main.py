@@ -55,6 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "cgroup2 root)")
     p.add_argument("--bpf-pin-dir", default=env.get("BPF_PIN_DIR", PIN_DIR),
                    help="eBPF: where the maps ztunnel reads are pinned")
+    p.add_argument("--kernel-splice", default=env.get("KERNEL_SPLICE", "on").lower(),
+                   choices=["on", "off"],
+                   help="load the eBPF sockmap that lets ztunnel splice same-node "
+                        "connections in the kernel (any capture backend)")
+    p.add_argument("--kernel-splice-entries", type=int,
+                   default=int(env.get("KERNEL_SPLICE_ENTRIES", "65536")),
+                   help="sockets the kernel splice holds at once (two per connection)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--manifests", default=env.get("LOCAL_MANIFESTS_PATH", ""),
                      help="local mode: a manifests file or directory to take labels from")
@@ -85,6 +92,29 @@ def choose_backend(args: argparse.Namespace) -> CaptureBackend:
         raise CaptureError(f"capture backend {name} cannot run here: {reason}")
     log.warning("eBPF capture unavailable (%s); falling back to iptables", reason)
     return make_backend("iptables")
+
+
+def start_kernel_splice(args: argparse.Namespace) -> bool:
+    """Load the kernel splice for ztunnel (``bpf/splice.py``); never fails the agent."""
+    if args.kernel_splice != "on":
+        log.info("kernel splice off (--kernel-splice=off): ztunnel relays same-node "
+                 "connections itself")
+        return False
+    from bpf import splice
+
+    reason = splice.unavailable_reason()
+    if reason is None:
+        try:
+            fresh = splice.load_splice(args.bpf_pin_dir, max_entries=args.kernel_splice_entries)
+        except Exception as e:  # noqa: BLE001 - bcc raises bare Exceptions; never fatal here
+            reason = f"loading it failed: {e}"
+        else:
+            log.info("kernel splice %s in %s", "loaded" if fresh else "already loaded",
+                     args.bpf_pin_dir)
+            return True
+    log.warning("kernel splice not loaded (%s); ztunnel relays same-node connections "
+                "itself", reason)
+    return False
 
 
 def _cgroup2_root() -> str:
@@ -143,6 +173,7 @@ async def run(args: argparse.Namespace) -> int:
     except CaptureError as e:
         log.error("%s", e)
         return 1
+    start_kernel_splice(args)
     probe: ProbeSnat | None = None
     if not args.no_probe_snat:
         probe = ProbeSnat("iptables" if backend.name == "iptables" else "nftables", None)
@@ -199,6 +230,9 @@ def uninstall(args: argparse.Namespace) -> int:
     for pod in load_checkpoint(state):
         if pod.captured:
             errors += backend.remove(pod.capture_spec())
+    from bpf.splice import unload_splice
+
+    errors += unload_splice(args.bpf_pin_dir)  # first: the eBPF backend removes the dir
     errors += backend.teardown_node()
     if not args.no_probe_snat:
         errors += ProbeSnat("iptables" if backend.name == "iptables" else "nftables",

@@ -88,7 +88,8 @@ def mtls_cross_node(mesh: LocalMesh) -> Scenario:
 
 
 def mtls_same_node(mesh: LocalMesh) -> Scenario:
-    return _mtls(mesh, "same-node mTLS (identity + policy, same-node shortcut)", "shop/frontend", "shop/backend-2")
+    return _mtls(mesh, "same-node mTLS (identity + policy, same-node shortcut)", "shop/frontend",
+                 "shop/backend-2")
 
 
 def service_vip(mesh: LocalMesh) -> Scenario:

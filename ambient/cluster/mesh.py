@@ -185,12 +185,13 @@ class LocalMesh:
                 "--run-dir", str(self.agent_dir(node)), "--zds-socket", str(self.zds_socket(node)),
                 "--capture", self.backend, "--manifests", str(self.manifests_path),
                 "--ready-addr", f"127.0.0.1:{AGENT_READY_PORT}"]
+        # Every backend gets its own pin dir: the agent also pins the same-node splice maps.
+        argv += ["--bpf-pin-dir", self.cluster.own_path(self.bpf_pin_dir(node))]
         if self.backend == "ebpf":
             cg = self.cluster.pods_cgroup(node)
             self.cluster._record_node_cgroup(cg)
             os.makedirs(cg, exist_ok=True)
-            pins = self.cluster.own_path(self.bpf_pin_dir(node))
-            argv += ["--cgroup", cg, "--bpf-pin-dir", pins]
+            argv += ["--cgroup", cg]
         self.agents[node] = self.cluster.start_node_process(node, argv, env=_env(),
                                                             log_name=f"_agent_{node}")
         self._wait_http(node, AGENT_READY_PORT, "/readyz", "CNI agent", self.agents[node],
@@ -219,8 +220,7 @@ class LocalMesh:
             **_env(),
             **self.ztunnel_env,
         }
-        if self.backend == "ebpf":
-            env["BPF_PIN_DIR"] = self.bpf_pin_dir(node)
+        env["BPF_PIN_DIR"] = self.bpf_pin_dir(node)
         proc = self.cluster.start_node_process(node, [sys.executable, "-m", "ztunnel"], env=env)
         self.ztunnels[node] = proc
         self.ztunnel_slot[node] = slot

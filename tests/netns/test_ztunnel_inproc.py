@@ -338,11 +338,26 @@ async def _apply(node: Node, objs: list[Any]) -> list[Any]:
     return node.store.apply(objs)  # on ztunnel's loop, as its config sources do
 
 
-@pytest.mark.parametrize("shortcut", [True, False], ids=["shortcut", "hbone-to-itself"])
+@pytest.fixture(scope="module")
+def splice_pins() -> Iterator[str]:
+    """The node agent's kernel splice maps, loaded into a pin dir of this module's own."""
+    from bpf import splice
+
+    pin_dir = f"/sys/fs/bpf/ambtest-zi-{secrets.token_hex(3)}"
+    try:
+        assert splice.load_splice(pin_dir, max_entries=64) is True
+        yield pin_dir
+    finally:
+        assert splice.unload_splice(pin_dir) == []
+
+
+@pytest.mark.parametrize("path", ["relay", "kernel", "hbone-to-itself"])
 def test_same_node_shortcut_skips_the_tunnel_only(
-    env: Env, mesh: Callable[..., Mesh], shortcut: bool
+    env: Env, mesh: Callable[..., Mesh], splice_pins: str, path: str
 ) -> None:
-    m = mesh(node1={"same_node_shortcut": shortcut})
+    shortcut = path != "hbone-to-itself"
+    m = mesh(node1={"same_node_shortcut": shortcut, "kernel_splice": path == "kernel",
+                    "bpf_pin_dir": splice_pins})
     node1 = m.nodes["node1"]
     client = env.pods["client-a"]
     payload = b"y" * 5000 + b"\n"
@@ -361,6 +376,17 @@ def test_same_node_shortcut_skips_the_tunnel_only(
     assert pool is not None
     # With the shortcut no HBONE connection is opened to the node's own pod.
     assert (pool.connection_count == 0) is shortcut
+    assert node1.zt.local.kernel_used == (1 if path == "kernel" else 0)
+    if path != "hbone-to-itself":  # exact byte counts, whoever moved the bytes
+        # received = request bytes, sent = response bytes (a greeting, then the echo)
+        counts = {(fam, rep): node1.series(fam, reporter=rep,
+                                           source_principal=want["source_principal"])[0][1]
+                  for fam in ("received_bytes", "sent_bytes") for rep in ("source", "destination")}
+        assert counts[("received_bytes", "source")] == len(payload), counts
+        assert counts[("received_bytes", "destination")] == len(payload), counts
+        greeting = len(r.greeting or "") + 1  # its newline
+        assert counts[("sent_bytes", "source")] == len(payload) + greeting, counts
+        assert counts[("sent_bytes", "destination")] == len(payload) + greeting, counts
 
 
 # ------------------------------------------------------------------------------- 4. del_pod
