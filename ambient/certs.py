@@ -15,7 +15,9 @@ Providers: ``LocalCaProvider`` signs in-process (FAKE_CA / local mode); ``GrpcCa
 the mesh CA over ``istio.v1.auth.IstioCertificateService/CreateCertificate`` like ztunnel: a
 fresh ECDSA P-256 key and CSR per fetch, ``ImpersonatedIdentity`` request metadata, the bearer
 token re-read from its file on every call (projected tokens rotate), the ``clusterid`` header,
-and the returned chain (leaf first, root last) verified before it is used.
+and the returned chain (leaf first, root last) verified before it is used.  The call goes
+through ``ambient.grpclite`` (no grpcio in the proxies' processes); its connection is closed
+after a minute without calls.
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from . import tls
-from .api.istio.v1.auth import ca_pb2, ca_pb2_grpc
+from .api.istio.v1.auth import ca_pb2
 from .ca import (
     DEFAULT_TTL,
     CaError,
@@ -47,6 +49,7 @@ from .ca import (
     split_pem,
     workload_certificate_from_chain,
 )
+from .grpclite import Channel, GrpcError, client_tls_context
 from .identity import SpiffeId
 
 __all__ = [
@@ -60,6 +63,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+CA_METHOD = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 
 _MAX_SLEEP = 30.0  # re-read the clock at least this often (wall-clock jumps, suspend)
 
@@ -174,25 +179,19 @@ class GrpcCaProvider:
         self._headers = dict(headers or {})
         self._impersonate = impersonate
         self._timeout = timeout.total_seconds()
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: ca_pb2_grpc.IstioCertificateServiceStub | None = None
+        self._channel: Channel | None = None
 
-    def _get_stub(self) -> ca_pb2_grpc.IstioCertificateServiceStub:
-        if self._stub is None:
-            options: list[tuple[str, Any]] = [
-                # Reconnect quickly once the CA is back; CertificateManager owns the backoff.
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 5000),
-            ]
-            if self._root_ca_pem is None:
-                self._channel = grpc.aio.insecure_channel(self.address, options=options)
-            else:
-                if self._alt_hostname:
-                    options.append(("grpc.ssl_target_name_override", self._alt_hostname))
-                creds = grpc.ssl_channel_credentials(root_certificates=self._root_ca_pem or None)
-                self._channel = grpc.aio.secure_channel(self.address, creds, options=options)
-            self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)
-        return self._stub
+    def _get_channel(self) -> Channel:
+        # One connection, dialled on the first call and again after it drops (the CA's
+        # restart); CertificateManager owns the retry backoff.  Closed when idle: calls are
+        # hours apart, and an open TLS connection holds buffers.
+        if self._channel is None:
+            tls = None
+            if self._root_ca_pem is not None:
+                tls = client_tls_context(self._root_ca_pem or None)
+            self._channel = Channel(self.address, tls=tls, server_hostname=self._alt_hostname,
+                                    idle_timeout=60.0)
+        return self._channel
 
     def _metadata(self) -> list[tuple[str, str]]:
         md = [("clusterid", self._cluster_id)]
@@ -218,13 +217,17 @@ class GrpcCaProvider:
             meta["ImpersonatedIdentity"] = str(identity)
             request.metadata.CopyFrom(meta)
         try:
-            response = await self._get_stub().CreateCertificate(
-                request, metadata=self._metadata(), timeout=self._timeout
-            )
-        except grpc.aio.AioRpcError as exc:
+            raw = await self._get_channel().unary(
+                CA_METHOD, request.SerializeToString(), metadata=self._metadata(),
+                timeout=self._timeout)
+            response = ca_pb2.IstioCertificateResponse.FromString(raw)
+        except GrpcError as exc:
             raise CertificateError(
-                f"the CA at {self.address} answered {exc.code().name}: {exc.details()}"
+                f"the CA at {self.address} answered {exc.code.name}: {exc.details}"
             ) from exc
+        except DecodeError as exc:
+            raise CertificateError(f"the CA at {self.address} sent a response that is not an "
+                                   f"IstioCertificateResponse: {exc}") from exc
         key_pem = key.private_bytes(serialization.Encoding.PEM,
                                     serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
@@ -240,7 +243,6 @@ class GrpcCaProvider:
         if self._channel is not None:
             await self._channel.close()
         self._channel = None
-        self._stub = None
 
 
 def verify_chain(cert: WorkloadCertificate, now: datetime | None = None) -> None:

@@ -144,9 +144,13 @@ class ServiceLike(Protocol):
 _ids = itertools.count(1)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ConnectionResult:
-    """Everything known about one proxied connection; see the module docstring."""
+    """Everything known about one proxied connection; see the module docstring.
+
+    One lives as long as its connection, so it has ``__slots__`` and keeps its labels as
+    the tuple of values in ``TRAFFIC_LABELS`` order (the metric key), not as a dict.
+    """
 
     reporter: str  # "source" (outbound) | "destination" (inbound)
     src: tuple[str, int]
@@ -176,7 +180,7 @@ class ConnectionResult:
     metrics: Metrics | None = field(default=None, repr=False)
     log: logging.Logger | None = field(default=None, repr=False)
     tracker: ConnectionTracker | None = field(default=None, repr=False)
-    _labels: dict[str, str] | None = field(default=None, repr=False)
+    _labels: tuple[str, ...] | None = field(default=None, repr=False)
     _sent_cell: Cell | None = field(default=None, repr=False)
     _recv_cell: Cell | None = field(default=None, repr=False)
     _metric_sent: int = field(default=0, repr=False)
@@ -209,9 +213,8 @@ class ConnectionResult:
         """
         res = cls(**fields)
         res.metrics, res.log, res.tracker = metrics, log or access_logger(), tracker
-        labels = res.labels()
+        key = res._label_values()
         if metrics is not None:
-            key = tuple(labels[name] for name in TRAFFIC_LABELS)
             metrics.connections_opened.labels(*key).inc()
             # Byte series carry response_flags "-" for the whole connection, as upstream.
             res._sent_cell = metrics.received_bytes.labels(*key)
@@ -285,7 +288,7 @@ class ConnectionResult:
         if self._recv_cell is not None and self.bytes_recv > self._metric_recv:
             self._recv_cell.inc(self.bytes_recv - self._metric_recv)
         self._metric_sent, self._metric_recv = self.bytes_sent, self.bytes_recv
-        labels = dict(self.labels())
+        labels = self.labels()
         labels["response_flags"] = self.response_flags
         key = tuple(labels[n] for n in TRAFFIC_LABELS)
         m.connections_closed.labels(*key).inc()
@@ -307,9 +310,13 @@ class ConnectionResult:
     # -- views ---------------------------------------------------------------------------------
 
     def labels(self) -> dict[str, str]:
-        """The traffic labels with ``response_flags`` "-" (cached)."""
+        """The traffic labels with ``response_flags`` "-" (fixed when first computed: at open)."""
+        return dict(zip(TRAFFIC_LABELS, self._label_values(), strict=True))
+
+    def _label_values(self) -> tuple[str, ...]:
         if self._labels is None:
-            self._labels = traffic_labels(self, ResponseFlags.NONE)
+            tl = traffic_labels(self, ResponseFlags.NONE)
+            self._labels = _shared_key(tuple(tl[name] for name in TRAFFIC_LABELS))
         return self._labels
 
     @property
@@ -383,6 +390,23 @@ class ConnectionResult:
             return self.dst_identity
         ident = getattr(self.dst_workload, "identity", None)
         return ident() if callable(ident) else None
+
+
+# Connections between the same workloads have equal label values: they share one tuple (and
+# its strings) instead of holding a copy each.  Its size follows the metric series (one per
+# distinct key, which the registry keeps anyway); cleared past a bound so it cannot grow
+# without limit when metrics are off.
+_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_MAX_KEYS = 4096
+
+
+def _shared_key(key: tuple[str, ...]) -> tuple[str, ...]:
+    got = _KEYS.get(key)
+    if got is None:
+        if len(_KEYS) >= _MAX_KEYS:
+            _KEYS.clear()
+        got = _KEYS[key] = key
+    return got
 
 
 def _str(v: Any) -> str | None:

@@ -25,6 +25,9 @@ Behaviour (istio/ztunnel's ``xds::client``, contract G and c.8):
 - Readiness ("state manager") is done once every type has had an ACKed response (ztunnel
   marks a type only on ACK, so a response with a rejected resource keeps the proxy unready
   until a later clean response of that type).
+- The stream is spoken with ``ambient.grpclite`` (HTTP/2 + TLS 1.2/1.3, ALPN h2, keepalive
+  pings every 30 s, a 200 MiB message limit), not grpcio, whose C core would cost the node
+  proxy ~10 MB of memory.
 """
 
 from __future__ import annotations
@@ -38,16 +41,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
 from ambient.api.envoy.config.core.v3 import base_pb2
-from ambient.api.envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from ambient.api.envoy.service.discovery.v3 import discovery_pb2
 from ambient.api.google.rpc import status_pb2
 from ambient.api.istio.security import authorization_pb2
 from ambient.api.istio.workload import workload_pb2
 from ambient.certs import read_token, token_is_path
+from ambient.grpclite import Channel, GrpcError, StatusCode, client_tls_context
 from ambient.model import ModelError, Policy, Service, Workload, from_proto
 from ambient.store import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, MeshStore
 from ztunnel.config import Settings, parse_xds_address
@@ -73,6 +76,7 @@ _DECODERS: dict[str, Any] = {
     AUTHORIZATION_TYPE_URL: authorization_pb2.Authorization,
 }
 _MAX_MESSAGE = 200 * 1024 * 1024  # ztunnel's decoding limit
+ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 
 Request = discovery_pb2.DeltaDiscoveryRequest
 Response = discovery_pb2.DeltaDiscoveryResponse
@@ -151,18 +155,14 @@ class XdsConfig:
         raise OSError(f"XDS_ROOT_CA={self.root_ca!r} is not a readable file, SYSTEM or a PEM "
                       "certificate; mount the mesh root (istio-ca-root-cert) there")
 
-    def channel(self) -> grpc.aio.Channel:
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", _MAX_MESSAGE),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.enable_retries", 0),
-        ]
-        if self.plaintext:
-            return grpc.aio.insecure_channel(self.target, options=options)
-        if self.alt_hostname:
-            options.append(("grpc.ssl_target_name_override", self.alt_hostname))
-        creds = grpc.ssl_channel_credentials(root_certificates=self.root_certificates())
-        return grpc.aio.secure_channel(self.target, creds, options=options)
+    def channel(self) -> Channel:
+        """A channel for one stream attempt (the roots are re-read for every attempt).
+
+        Keepalive pings every 30 s while the stream is open (ztunnel's and the former grpcio
+        channel's setting); a dead control plane is noticed within 50 s."""
+        tls = None if self.plaintext else client_tls_context(self.root_certificates())
+        return Channel(self.target, tls=tls, server_hostname=self.alt_hostname,
+                       max_receive=_MAX_MESSAGE, keepalive=30.0, idle_timeout=None)
 
 
 @dataclass
@@ -290,9 +290,9 @@ class XdsClient:
                 delivered = await self._stream_once()
                 self.last_error = "stream ended by the control plane"
                 log.warning("xDS stream to %s ended; reconnecting", self.config.target)
-            except grpc.aio.AioRpcError as e:
+            except GrpcError as e:
                 delivered = self.connected
-                self.last_error = f"{e.code().name}: {e.details()}"
+                self.last_error = f"{e.code.name}: {e.details}"
                 log.warning("xDS stream to %s failed: %s%s", self.config.target,
                             self.last_error, _hint(e))
             except OSError as e:
@@ -310,31 +310,36 @@ class XdsClient:
     async def _stream_once(self) -> bool:
         metadata = self.config.metadata()
         async with self.config.channel() as channel:
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            call = stub.DeltaAggregatedResources(metadata=metadata)
-            for req in self.state.initial_requests():
-                await call.write(req)
-            delivered = False
-            while True:
-                resp = await call.read()
-                if resp is grpc.aio.EOF:
-                    return delivered
-                if not delivered:
-                    delivered = self.connected = True
-                    self.streams += 1
-                    self.last_error = None
-                    log.info("xDS stream to %s established", self.config.target)
-                ack, _ = self.state.handle_response(resp)
-                await call.write(ack)
+            call = await channel.stream(ADS_METHOD, metadata=metadata)
+            async with call:  # leaving (error, cancellation) resets the stream
+                for req in self.state.initial_requests():
+                    await call.write(req.SerializeToString())
+                delivered = False
+                while True:
+                    raw = await call.read()
+                    if raw is None:
+                        return delivered
+                    try:
+                        resp = Response.FromString(raw)
+                    except DecodeError as e:
+                        raise GrpcError(StatusCode.INTERNAL, "a response from the control plane "
+                                        f"is not a DeltaDiscoveryResponse: {e}") from e
+                    if not delivered:
+                        delivered = self.connected = True
+                        self.streams += 1
+                        self.last_error = None
+                        log.info("xDS stream to %s established", self.config.target)
+                    ack, _ = self.state.handle_response(resp)
+                    await call.write(ack.SerializeToString())
 
 
-def _hint(e: grpc.aio.AioRpcError) -> str:
-    code = e.code()
-    if code is grpc.StatusCode.UNAVAILABLE:
+def _hint(e: GrpcError) -> str:
+    code = e.code
+    if code is StatusCode.UNAVAILABLE:
         return (" (is the control plane running and XDS_ADDRESS right? for TLS, does its "
                 "certificate match ALT_XDS_HOSTNAME or the host, and chain to XDS_ROOT_CA?)")
-    if code is grpc.StatusCode.UNAUTHENTICATED:
+    if code is StatusCode.UNAUTHENTICATED:
         return " (check AUTH_TOKEN, or the client certificate the control plane expects)"
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
+    if code is StatusCode.INVALID_ARGUMENT:
         return " (check POD_NAME, POD_NAMESPACE and INSTANCE_IP, which form the node id)"
     return ""
