@@ -36,7 +36,6 @@ from ztunnel.metrics import Metrics
 from ztunnel.proxy import Ztunnel
 from ztunnel.result import ConnectionTracker
 from ztunnel.sockets import use_bpf_pin_dir
-from ztunnel.sources import ConfigWatcher
 from ztunnel.xds_client import XdsClient
 
 log = logging.getLogger("ztunnel")
@@ -109,28 +108,28 @@ async def run(settings: Settings) -> int:
     await stats.start(*settings.stats_addr)
     await ready_srv.start(*settings.readiness_addr)
 
-    watcher = ConfigWatcher(settings, store)
     if settings.xds_address:  # "state manager" is done once both types are ACKed
         xds = XdsClient.from_settings(settings, store, on_synced=state_ready.done)
         tasks = [asyncio.create_task(xds.run())]
     else:
+        # Imported here: the local sources (YAML, the manifests translator) cost ~1 MB that
+        # a ztunnel fed by the control plane does not need.
+        from ztunnel.sources import ConfigWatcher
+
+        watcher = ConfigWatcher(settings, store)
         watcher.load_once()
-        if watcher.last_error is None:
+
+        async def mark_ready_later() -> None:
+            while watcher.last_error is not None:
+                await asyncio.sleep(0.5)
             state_ready.done()
-        tasks = [asyncio.create_task(watcher.run())]
+
+        tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(mark_ready_later())]
 
     if inpod is not None:
         tasks.append(asyncio.create_task(inpod.run()))
     else:
         pods_ready.done()
-
-    async def mark_ready_later() -> None:
-        while watcher.last_error is not None:
-            await asyncio.sleep(0.5)
-        state_ready.done()
-
-    if not settings.xds_address:
-        tasks.append(asyncio.create_task(mark_ready_later()))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
