@@ -120,6 +120,9 @@ class Settings:
     # closed.  1h is Envoy's TCP proxy idle timeout, which sidecar users already live with.
     hbone_handshake_timeout_s: float = HANDSHAKE_TIMEOUT
     hbone_idle_timeout_s: float = 3600.0
+    # (ours) every this many seconds freed heap pages go back to the kernel (glibc
+    # malloc_trim); 0 = never.  See ztunnel/main.py trim_memory.
+    memory_trim_interval_s: float = 10.0
     # Lifecycle and logging.
     termination_deadline_s: float = 5.0
     log_level: str = "info"
@@ -284,6 +287,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         hbone_handshake_timeout_s=_number(env, "HBONE_HANDSHAKE_TIMEOUT", HANDSHAKE_TIMEOUT,
                                           minimum=0.001),
         hbone_idle_timeout_s=_number(env, "HBONE_IDLE_TIMEOUT", 3600.0),
+        memory_trim_interval_s=_number(env, "MEMORY_TRIM_INTERVAL", 10.0),
         termination_deadline_s=termination_deadline(env),
         log_level=level,
         log_format=fmt,
