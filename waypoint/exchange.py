@@ -272,6 +272,8 @@ class Exchange:
             replay = await self._replayable(req.body, a.timeout_s)
         tries = 1 + (retry.attempts if retry is not None else 0)
         try:
+            if a.timeout_s is None:  # no timer to arm (asyncio.timeout costs even with None)
+                return await self._attempts(req, a, endpoints, http2, rec, grpc, tries, replay)
             async with asyncio.timeout(a.timeout_s):
                 return await self._attempts(req, a, endpoints, http2, rec, grpc, tries, replay)
         except TimeoutError:
@@ -319,8 +321,11 @@ class Exchange:
             ureq = HttpRequest(req.method, req.scheme, req.authority, req.target, req.headers,
                                body, req.protocol)
             try:
-                async with asyncio.timeout(a.backend_timeout_s):
+                if a.backend_timeout_s is None:
                     resp, lease = await self.upstreams.send(ep, ureq, http2=http2)
+                else:
+                    async with asyncio.timeout(a.backend_timeout_s):
+                        resp, lease = await self.upstreams.send(ep, ureq, http2=http2)
             except TimeoutError:  # this try's own timeout (the overall one cancels instead)
                 rec.flag("UT")
                 last_error = UpstreamError("UT", "per-try timeout")

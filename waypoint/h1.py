@@ -1,17 +1,22 @@
-"""HTTP/1.1 over a tunnel stream, both ways, with ``h11`` as the sans-I/O parser.
+"""HTTP/1.1 over a tunnel stream, both ways, on the sans-I/O codec ``waypoint.h1wire``.
 
 Role: ``serve_h1`` is the waypoint's downstream HTTP/1.1 server inside one HBONE tunnel
 (keep-alive, chunked bodies, pipelined requests answered in order); ``H1Client`` speaks
-HTTP/1.1 to an upstream over another tunnel, one request at a time, and reports whether the
-connection can be reused.
+HTTP/1.1 to an upstream over another tunnel, one request at a time, and says whether the
+connection can carry another one (``reset``).
 
 Invariants:
 * Request heads are bounded (``MAX_HEAD``; over it the client gets 431) and must arrive within
   ``header_timeout``; an idle keep-alive connection is closed after ``idle_timeout``.
-* Malformed HTTP gets a 400 (h11's status hint) and the connection closes; nothing malformed
-  reaches the pipeline.
+* Malformed HTTP gets the codec's status (400, 501, 505) and the connection closes; nothing
+  malformed reaches the pipeline.
 * Bodies stream: a request body is fed to ``Body`` while the handler runs, and reading from
-  the tunnel pauses while ``Body.limit`` bytes wait unread.
+  the tunnel pauses while ``Body.limit`` bytes wait unread. A body that is already whole in
+  the receive buffer is handed over without a task; a response or request whose body is
+  already complete goes out in one write with its head.
+* A response carries exactly the bytes its framing announces (a Content-Length the body does
+  not match fails the exchange); a connection whose last exchange did not end cleanly on both
+  sides is never reused.
 * After a response, an unread request body is drained (up to ``DRAIN_LIMIT``) so the next
   pipelined request can be parsed; a larger one closes the connection instead.
 """
@@ -21,23 +26,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from http import HTTPStatus
+from typing import Any
 
-import h11
-
+from waypoint.h1wire import (
+    BodyDecoder,
+    RequestHead,
+    ResponseHead,
+    WireError,
+    encode_chunk,
+    encode_last_chunk,
+    encode_request_head,
+    encode_response_head,
+    parse_request_head,
+    parse_response_head,
+)
 from waypoint.message import (
     Body,
     BodyError,
     ByteStream,
     Handler,
-    Headers,
     HttpRequest,
     HttpResponse,
     content_length,
     end_to_end,
-    get_header,
 )
 
 __all__ = ["DRAIN_LIMIT", "MAX_HEAD", "H1Client", "H1Error", "Limits", "serve_h1"]
@@ -46,10 +59,18 @@ log = logging.getLogger("waypoint.h1")
 
 MAX_HEAD = 64 * 1024
 DRAIN_LIMIT = 1024 * 1024
+MAX_INFORMATIONAL = 16  # 1xx heads skipped before a final response
 
 
 class H1Error(Exception):
-    """An HTTP/1.1 exchange failed (peer closed, sent garbage, or timed out)."""
+    """An HTTP/1.1 exchange failed (peer closed, sent garbage, or timed out).
+
+    ``before_response``: no byte of a response had arrived (a client-side failure that a
+    retry on another connection may cure)."""
+
+    def __init__(self, message: str, *, before_response: bool = False) -> None:
+        super().__init__(message)
+        self.before_response = before_response
 
 
 @dataclass(frozen=True)
@@ -59,49 +80,88 @@ class Limits:
     max_head: int = MAX_HEAD
 
 
-def _decode(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
-    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
+class _Conn:
+    """A byte stream and its receive buffer."""
 
+    __slots__ = ("stream", "buf", "eof")
 
-def _encode(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-
-
-def _reason(status: int) -> bytes:
-    # Some clients (h2load, older http-parser users) only see a status with a reason phrase.
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
-
-
-async def _w(stream: ByteStream, data: bytes | None) -> None:
-    if data:
-        await stream.write(data)
-
-
-class _Reader:
-    """Pulls h11 events, reading the stream when h11 needs data."""
-
-    def __init__(self, conn: h11.Connection, stream: ByteStream, initial: bytes = b"") -> None:
-        self.conn = conn
+    def __init__(self, stream: ByteStream, initial: bytes = b"") -> None:
         self.stream = stream
-        if initial:
-            conn.receive_data(initial)
+        self.buf = bytearray(initial)
         self.eof = False
 
-    async def next(self, timeout: float | None) -> h11.Event | type[h11.PAUSED]:
-        while True:
-            ev = self.conn.next_event()
-            if ev is not h11.NEED_DATA:
-                return ev  # type: ignore[return-value]
-            if self.eof:
-                raise H1Error("peer closed mid-message")
-            async with asyncio.timeout(timeout):
-                data = await self.stream.read()
-            if not data:
-                self.eof = True
-            self.conn.receive_data(data)
+    async def fill(self, timeout: float | None) -> bool:
+        """Read more into ``buf``; False at the peer's end of stream."""
+        if self.eof:
+            return False
+        data = await (self.stream.read() if timeout is None
+                      else _read_within(self.stream, timeout))
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+
+async def _read_within(stream: ByteStream, timeout: float) -> bytes:
+    """``stream.read()`` or TimeoutError after ``timeout`` seconds: ``asyncio.timeout``'s
+    semantics (only our own cancellation becomes TimeoutError) at half its cost, which shows
+    on a read per request."""
+    task = asyncio.current_task()
+    assert task is not None
+    fired = False
+
+    def expire() -> None:
+        nonlocal fired
+        fired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        return await stream.read()
+    except asyncio.CancelledError:
+        if fired and task.uncancel() == 0:
+            raise TimeoutError(f"no data within {timeout}s") from None
+        raise
+    finally:
+        timer.cancel()
+
+
+async def _pump_body(conn: _Conn, dec: BodyDecoder, body: Body, timeout: float | None) -> None:
+    """Feed ``body`` from ``conn`` until ``dec`` says the message ended (errors fail it)."""
+    try:
+        while not dec.done:
+            for data in dec.feed(conn.buf):
+                body.feed(data)
+            if dec.done:
+                break
+            await body.wait_room()
+            if not await conn.fill(timeout):
+                dec.eof()
+        body.end(dec.trailers)
+    except (WireError, TimeoutError, OSError, ConnectionError) as e:
+        body.fail(e if not isinstance(e, WireError) else H1Error(f"body: {e}"))
+        raise H1Error(str(e) or type(e).__name__) from None
+
+
+def _feed_buffered(conn: _Conn, dec: BodyDecoder, body: Body) -> None:
+    """Hand ``body`` what the buffer already holds; ends it when that is all (raises
+    ``WireError`` for a malformed body)."""
+    for data in dec.feed(conn.buf):
+        body.feed(data)
+    if dec.done:
+        body.end(dec.trailers)
+
+
+async def _quiet(task: asyncio.Future[None] | None) -> bool:
+    """Await a pump; True if it finished without error."""
+    if task is None:
+        return True
+    try:
+        await task
+    except (H1Error, asyncio.CancelledError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,142 +172,144 @@ async def serve_h1(
     stream: ByteStream, handler: Handler, *, initial: bytes = b"", limits: Limits = Limits(),
 ) -> int:
     """Serve HTTP/1.1 requests from ``stream`` until it closes; returns the requests served."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
-    reader = _Reader(conn, stream, initial)
+    conn = _Conn(stream, initial)
     served = 0
     try:
         while True:
-            timeout = limits.header_timeout if served == 0 else limits.idle_timeout
             try:
-                ev = await reader.next(timeout)
+                head = await _read_request_head(conn, limits, served)
             except TimeoutError:
-                if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                if not conn.buf.strip(b"\r\n"):
                     return served  # idle keep-alive connection: close quietly
-                await _send_error(stream, conn, 408, "request head not received in time")
+                await _send_error(stream, 408, "request head not received in time")
                 return served
-            except h11.RemoteProtocolError as e:
-                await _send_error(stream, conn, e.error_status_hint, f"bad request: {e}")
+            except WireError as e:
+                await _send_error(stream, e.status, f"bad request: {e}")
                 return served
-            except H1Error:
-                return served
-            if isinstance(ev, h11.ConnectionClosed) or ev is h11.PAUSED:
-                return served
-            if not isinstance(ev, h11.Request):
-                return served
-            if _head_size(ev) > limits.max_head:  # h11 bounds only heads still incomplete
-                await _send_error(stream, conn, 431, "request head too large")
+            if head is None:
                 return served
             served += 1
-            keep = await _serve_one(stream, conn, reader, ev, handler, limits)
-            if not keep:
+            if not await _serve_one(conn, head, handler, limits):
                 return served
-            conn.start_next_cycle()
     finally:
         with contextlib.suppress(Exception):
             stream.write_eof()
 
 
-def _head_size(ev: h11.Request) -> int:
-    """Bytes of the request head as sent (method, target, version, header lines, blank)."""
-    return (len(ev.method) + len(ev.target) + 12
-            + sum(len(k) + len(v) + 4 for k, v in ev.headers.raw_items()) + 2)
+async def _read_request_head(conn: _Conn, limits: Limits, served: int) -> RequestHead | None:
+    """The next request head, or None when the peer closed between (or within) requests."""
+    for _ in range(limits.max_head + 2):  # every pass reads at least one byte or returns
+        parsed = parse_request_head(conn.buf, limits.max_head)
+        if parsed is not None:
+            head, used = parsed
+            del conn.buf[:used]
+            return head
+        waiting = served == 0 or conn.buf.strip(b"\r\n")
+        if not await conn.fill(limits.header_timeout if waiting else limits.idle_timeout):
+            return None
+    return None
 
 
-async def _send_error(stream: ByteStream, conn: h11.Connection, status: int, text: str) -> None:
-    body = (text + "\n").encode()
+async def _send_error(stream: ByteStream, status: int, text: str) -> None:
+    body = (text + "\n").encode("utf-8", "replace")
     try:
-        data = conn.send(h11.Response(status_code=status, reason=_reason(status), headers=[
+        await stream.write(encode_response_head(status, [
             ("content-type", "text/plain"), ("content-length", str(len(body))),
-            ("connection", "close")])) or b""
-        data += conn.send(h11.Data(data=body)) or b""
-        data += conn.send(h11.EndOfMessage()) or b""
-        await stream.write(data)
-    except (h11.LocalProtocolError, OSError, ConnectionError) as e:
+            ("connection", "close")]) + body)
+    except (OSError, ConnectionError) as e:
         log.debug("could not send %d: %s", status, e)
 
 
-async def _pump_request_body(reader: _Reader, body: Body, limits: Limits) -> None:
-    conn = reader.conn
-    try:
-        while True:
-            if conn.they_are_waiting_for_100_continue:
-                await _w(reader.stream, conn.send(h11.InformationalResponse(
-                    status_code=100, headers=[])))
-            ev = await reader.next(limits.idle_timeout)
-            if isinstance(ev, h11.Data):
-                body.feed(bytes(ev.data))
-                await body.wait_room()
-            elif isinstance(ev, h11.EndOfMessage):
-                body.end(_decode(ev.headers))
-                return
-            else:
-                body.fail(H1Error("request body cut short"))
-                return
-    except (h11.RemoteProtocolError, H1Error, TimeoutError, OSError, ConnectionError) as e:
-        body.fail(e)
-
-
-async def _serve_one(
-    stream: ByteStream, conn: h11.Connection, reader: _Reader, ev: h11.Request,
-    handler: Handler, limits: Limits,
-) -> bool:
-    headers = _decode(ev.headers)
-    authority = get_header(headers, "host") or ""
-    length = content_length(headers)
-    if length is None and get_header(headers, "transfer-encoding") is None:
-        length = 0  # RFC 9112 §6.3: a request without framing headers has no body
-    body = Body(length=length)
+async def _serve_one(conn: _Conn, head: RequestHead, handler: Handler, limits: Limits) -> bool:
+    """Answer one request; True if the connection can carry the next one."""
+    body = Body(length=None if head.chunked else head.length)
     req = HttpRequest(
-        method=ev.method.decode("ascii", "replace"), scheme="http", authority=authority,
-        target=ev.target.decode("latin-1"),
-        headers=[(k, v) for k, v in headers if k != "host"],
-        body=body, protocol="HTTP/1.1",
+        method=head.method, scheme="http", authority=head.host or "", target=head.target,
+        headers=[(k, v) for k, v in head.headers if k != "host"], body=body,
+        protocol="HTTP/1.1",
     )
-    pump = asyncio.ensure_future(_pump_request_body(reader, body, limits))
+    dec = BodyDecoder(head.length, head.chunked)
+    pump: asyncio.Future[None] | None = None
+    try:
+        _feed_buffered(conn, dec, body)
+    except WireError as e:
+        await _send_error(conn.stream, e.status, f"bad request body: {e}")
+        return False
+    if not dec.done:
+        pump = asyncio.ensure_future(_serve_body(conn, dec, body, head, limits))
     resp: HttpResponse | None = None
-    sent = 0
+    sent, keep = 0, False
     error: BaseException | None = None
     try:
         resp = await handler(req)
-        sent = await _write_response(stream, conn, req, resp)
-    except (OSError, ConnectionError, BodyError, h11.LocalProtocolError) as e:
+        sent, keep = await _write_response(conn.stream, head, resp)
+    except (OSError, ConnectionError, BodyError, WireError) as e:
         error = e
     finally:
         if resp is not None:
             resp.done(sent, error)
     if error is not None:
-        pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pump
-        stream.abort()
+        if pump is not None:
+            pump.cancel()
+            await _quiet(pump)
+        conn.stream.abort()
         return False
     # Let the request body finish so the next request can be parsed; give up past the limit.
-    if not body.ended:
-        if not await body.drain(DRAIN_LIMIT):
-            pump.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await pump
-    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+    if not body.ended and not await body.drain(DRAIN_LIMIT) and pump is not None:
+        pump.cancel()
+    return await _quiet(pump) and dec.done and keep
 
 
-async def _write_response(
-    stream: ByteStream, conn: h11.Connection, req: HttpRequest, resp: HttpResponse
-) -> int:
+async def _serve_body(conn: _Conn, dec: BodyDecoder, body: Body, head: RequestHead,
+                      limits: Limits) -> None:
+    if head.expect_continue and not body.received:
+        await conn.stream.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    await _pump_body(conn, dec, body, limits.idle_timeout)
+
+
+async def _write_response(stream: ByteStream, head: RequestHead, resp: HttpResponse
+                          ) -> tuple[int, bool]:
+    """Write ``resp``; (body bytes sent, connection reusable by its framing)."""
     headers = end_to_end(resp.headers)
-    chunked = get_header(headers, "content-length") is None
-    if req.method == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:
-        chunked = False
-    await _w(stream, conn.send(h11.Response(status_code=resp.status, headers=_encode(headers),
-                                            reason=_reason(resp.status))))
+    status = resp.status
+    keep = head.keep_alive
+    length = content_length(headers)
+    bodyless = head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+    chunked = not bodyless and length is None and head.http11
+    if chunked:
+        headers.append(("transfer-encoding", "chunked"))
+    elif not bodyless and length is None:
+        keep = False  # an HTTP/1.0 client: the body ends when we close
+    if not keep:
+        headers.append(("connection", "close"))
+    out = encode_response_head(status, headers)
+    rbody = resp.body
+    whole = rbody.take_ended()
+    if whole is not None:  # the common case: head and body in one write
+        sent = 0 if bodyless else len(whole)
+        if length is not None and not bodyless and sent != length:
+            raise WireError(502, f"response body of {sent} bytes, Content-Length {length}")
+        if bodyless:
+            await stream.write(out)
+        elif chunked:
+            await stream.write(out + encode_chunk(whole) + encode_last_chunk(rbody.trailers))
+        else:
+            await stream.write(out + whole)
+        return sent, keep
+    await stream.write(out)
     sent = 0
-    while data := await resp.body.read():
-        if req.method == "HEAD":
+    while data := await rbody.read():
+        if bodyless:
             continue
         sent += len(data)
-        await _w(stream, conn.send(h11.Data(data=data)))
-    trailers = _encode(resp.body.trailers) if chunked else []
-    await _w(stream, conn.send(h11.EndOfMessage(headers=trailers)))
-    return sent
+        if length is not None and sent > length:
+            raise WireError(502, f"response body longer than its Content-Length {length}")
+        await stream.write(encode_chunk(data) if chunked else data)
+    if length is not None and not bodyless and sent != length:
+        raise WireError(502, f"response body of {sent} bytes, Content-Length {length}")
+    if chunked:
+        await stream.write(encode_last_chunk(rbody.trailers))
+    return sent, keep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,100 +321,166 @@ class H1Client:
 
     def __init__(self, stream: ByteStream, *, max_head: int = MAX_HEAD) -> None:
         self.stream = stream
-        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)
-        self.reader = _Reader(self.conn, stream)
+        self.max_head = max_head
+        self.conn = _Conn(stream)
         self.broken = False
+        self.requests = 0  # requests started on this connection
+        self.idle_since = 0.0  # loop time it was last put back into a pool
+        self._keep = False  # the last response allows another request
+        self._sent_all = False  # the last request went out whole
         self._sender: asyncio.Future[None] | None = None
         self._pump: asyncio.Future[None] | None = None  # held so it is not collected mid-run
+        self._resp_body: Body | None = None
 
     @property
-    def reusable(self) -> bool:
-        return (not self.broken and self.conn.our_state is h11.DONE
-                and self.conn.their_state is h11.DONE)
+    def stale(self) -> bool:
+        """The upstream closed, reset or sent something while the connection sat idle."""
+        if self.broken or self.conn.buf or self.conn.eof:
+            return True
+        s = self.stream
+        conn = getattr(s, "connection", None)
+        if conn is not None and not getattr(conn, "is_usable", True):
+            return True
+        # HboneStream keeps no public "peer finished" flag; read it where it is kept.
+        return bool(getattr(s, "_eof", False) or getattr(s, "_error", None) is not None
+                    or getattr(s, "_chunks", None))
 
     def reset(self) -> bool:
         """Ready the connection for the next request; False if it cannot be reused (the
-        upstream answered before taking the whole request, or the exchange failed)."""
+        exchange failed, the upstream answered before taking the whole request or asked to
+        close, or the response body was not read to its end)."""
         if self._sender is not None and not self._sender.done():
             self.close()
             return False
-        if not self.reusable:
+        rb = self._resp_body
+        ok = (not self.broken and self._keep and self._sent_all and rb is not None
+              and rb.ended and not rb.buffered() and not self.conn.buf)
+        if ok and self._pump is not None and not self._pump.done():
+            ok = False
+        if not ok:
             return False
-        self.conn.start_next_cycle()
+        self._keep = self._sent_all = False
+        self._sender = self._pump = None
+        self._resp_body = None
         return True
 
     def close(self) -> None:
         self.broken = True
-        if self._sender is not None and not self._sender.done():
-            self._sender.cancel()
+        for t in (self._sender, self._pump):
+            if t is not None and not t.done():
+                t.cancel()
         self.stream.abort()
 
     async def request(self, req: HttpRequest, *, head_timeout: float | None = None
                       ) -> HttpResponse:
-        """Send ``req`` (its body streams in the background) and return the response head;
-        the response body streams into the returned ``HttpResponse.body``."""
-        headers = [(k, v) for k, v in end_to_end(req.headers) if k != "content-length"]
-        headers.insert(0, ("host", req.authority))
-        body = req.body
-        length = body.length
-        if length is None and body.ended and body.received == 0:
-            length = 0
-        if length is None:
-            headers.append(("transfer-encoding", "chunked"))
-        elif length > 0 or req.method in ("POST", "PUT", "PATCH"):
-            headers.append(("content-length", str(length)))
+        """Send ``req`` (a body still arriving streams in the background) and return the
+        response head; the response body streams into the returned ``HttpResponse.body``.
+        Raises ``H1Error`` (``before_response`` when no response byte had arrived)."""
+        self.requests += 1
         try:
-            await _w(self.stream, self.conn.send(h11.Request(
-                method=req.method, target=req.target, headers=_encode(headers))))
-        except (h11.LocalProtocolError, OSError, ConnectionError) as e:
-            self.broken = True
+            out, body_task = self._encode_request(req)
+        except WireError as e:
             raise H1Error(f"cannot send the request upstream: {e}") from e
-        self._sender = asyncio.ensure_future(self._send_body(req.body))
         try:
-            while True:
-                ev = await self.reader.next(head_timeout)
-                if isinstance(ev, h11.InformationalResponse):
-                    continue
-                if isinstance(ev, h11.Response):
-                    break
-                raise H1Error(f"upstream closed before responding ({type(ev).__name__})")
-        except (h11.RemoteProtocolError, H1Error, OSError, ConnectionError) as e:
+            await self.stream.write(out)
+        except (OSError, ConnectionError) as e:
+            if body_task is not None:
+                body_task.close()
             self.close()
-            raise H1Error(f"upstream HTTP/1.1 error: {e}") from e
+            raise H1Error(f"cannot send the request upstream: {e}",
+                          before_response=True) from e
+        if body_task is not None:
+            self._sender = asyncio.ensure_future(body_task)
+        else:
+            self._sent_all = True
+        try:
+            head = await self._response_head(req.method, head_timeout)
+        except (WireError, OSError, ConnectionError) as e:
+            self.close()
+            raise H1Error(f"upstream HTTP/1.1 error: {e}",
+                          before_response=not self.conn.buf and not self.conn.eof) from e
+        except H1Error:
+            self.close()
+            raise
         except BaseException:
             self.close()
             raise
-        rheaders = _decode(ev.headers)
-        body = Body(length=content_length(rheaders))
-        resp = HttpResponse(ev.status_code, rheaders, body)
-        self._pump = asyncio.ensure_future(self._pump_response(body))
-        return resp
+        self._keep = head.keep_alive
+        body = Body(length=head.length if not head.chunked else None)
+        self._resp_body = body
+        dec = BodyDecoder(head.length, head.chunked, head.until_close)
+        try:
+            _feed_buffered(self.conn, dec, body)
+        except WireError as e:
+            self.broken = True
+            body.fail(H1Error(f"upstream body: {e}"))
+        if not dec.done and not self.broken:
+            self._pump = asyncio.ensure_future(self._pump_response(dec, body))
+        return HttpResponse(head.status, head.headers, body)
 
-    async def _send_body(self, body: Body) -> None:
+    def _encode_request(self, req: HttpRequest
+                        ) -> tuple[bytes, Coroutine[Any, Any, None] | None]:
+        """The bytes to write now, and the coroutine sending the rest of the body (if any)."""
+        headers = [(k, v) for k, v in end_to_end(req.headers)
+                   if k != "content-length" and k != "host"]
+        headers.insert(0, ("host", req.authority))
+        body = req.body
+        whole = body.take_ended()
+        if whole is not None:
+            trailers = body.trailers
+            if trailers:
+                headers.append(("transfer-encoding", "chunked"))
+                return (encode_request_head(req.method, req.target, headers)
+                        + encode_chunk(whole) + encode_last_chunk(trailers)), None
+            if whole or req.method in ("POST", "PUT", "PATCH"):
+                headers.append(("content-length", str(len(whole))))
+            return encode_request_head(req.method, req.target, headers) + whole, None
+        length = body.length
+        if length is None:
+            headers.append(("transfer-encoding", "chunked"))
+        else:
+            headers.append(("content-length", str(length)))
+        return (encode_request_head(req.method, req.target, headers),
+                self._send_body(body, length))
+
+    async def _response_head(self, method: str, timeout: float | None) -> ResponseHead:
+        conn = self.conn
+        informational = 0
+        for _ in range(self.max_head + 2):  # every pass reads at least one byte or returns
+            parsed = parse_response_head(conn.buf, self.max_head, method)
+            if parsed is not None:
+                head, used = parsed
+                del conn.buf[:used]
+                if 100 <= head.status < 200:
+                    informational += 1
+                    if head.status == 101 or informational > MAX_INFORMATIONAL:
+                        raise WireError(502, f"unexpected {head.status} response")
+                    continue
+                return head
+            if not await conn.fill(timeout):
+                raise H1Error("upstream closed before responding",
+                              before_response=not conn.buf)
+        raise WireError(502, "response head never completed")
+
+    async def _send_body(self, body: Body, length: int | None) -> None:
+        sent = 0
         try:
             while data := await body.read():
-                await _w(self.stream, self.conn.send(h11.Data(data=data)))
-            chunked = self.conn.our_state is h11.SEND_BODY and body.length is None
-            trailers = _encode(body.trailers) if chunked else []
-            await _w(self.stream, self.conn.send(h11.EndOfMessage(headers=trailers)))
-        except (BodyError, h11.LocalProtocolError, OSError, ConnectionError) as e:
+                sent += len(data)
+                if length is not None and sent > length:
+                    raise BodyError(f"request body longer than its Content-Length {length}")
+                await self.stream.write(encode_chunk(data) if length is None else data)
+            if length is None:
+                await self.stream.write(encode_last_chunk(body.trailers))
+            elif sent != length:
+                raise BodyError(f"request body of {sent} bytes, Content-Length {length}")
+            self._sent_all = True
+        except (BodyError, WireError, OSError, ConnectionError) as e:
             log.debug("request body to upstream failed: %s", e)
             self.close()
 
-    async def _pump_response(self, body: Body) -> None:
+    async def _pump_response(self, dec: BodyDecoder, body: Body) -> None:
         try:
-            while True:
-                ev = await self.reader.next(None)
-                if isinstance(ev, h11.Data):
-                    body.feed(bytes(ev.data))
-                    await body.wait_room()
-                elif isinstance(ev, h11.EndOfMessage):
-                    body.end(_decode(ev.headers))
-                    return
-                else:
-                    self.broken = True
-                    body.fail(H1Error("upstream closed mid-response"))
-                    return
-        except (h11.RemoteProtocolError, H1Error, OSError, ConnectionError) as e:
+            await _pump_body(self.conn, dec, body, None)
+        except H1Error:
             self.broken = True
-            body.fail(e)

@@ -71,18 +71,18 @@ def end_to_end(headers: Iterable[tuple[str, str]], *, keep_te_trailers: bool = F
 
     ``te: trailers`` is end-to-end for gRPC over HTTP/2 and kept when ``keep_te_trailers``.
     """
-    hs = list(headers)
-    named = {
-        tok.strip().lower()
-        for k, v in hs if k == "connection"
-        for tok in v.split(",") if tok.strip()
-    }
+    hs = headers if isinstance(headers, list) else list(headers)
+    drop = HOP_BY_HOP
+    for k, v in hs:
+        if k == "connection":
+            drop = drop | {t for tok in v.split(",") if (t := tok.strip().lower())}
     out: Headers = []
     for k, v in hs:
-        if k == "te" and keep_te_trailers and v.strip().lower() == "trailers":
-            out.append((k, "trailers"))
-        elif k not in HOP_BY_HOP and k not in named and not k.startswith(":"):
-            out.append((k, v))
+        if k in drop or k[:1] == ":":
+            if k == "te" and keep_te_trailers and v.strip().lower() == "trailers":
+                out.append((k, "trailers"))
+            continue
+        out.append((k, v))
     return out
 
 
@@ -192,6 +192,21 @@ class Body:
         if self._on_consumed is not None:
             self._on_consumed(len(data))
         self._wake_room()
+        return data
+
+    def take_ended(self) -> bytes | None:
+        """Everything left, at once, if the producer has ended without error (the reader
+        takes it as ``read`` would); None while bytes may still come. No waiting."""
+        if not self._ended or self._error is not None:
+            return None
+        chunks = self._chunks
+        data = b"" if not chunks else chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._queued = 0
+        if data:
+            self.read_bytes += len(data)
+            if self._on_consumed is not None:
+                self._on_consumed(len(data))
         return data
 
     def buffered(self) -> bytes:

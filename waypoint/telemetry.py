@@ -232,7 +232,29 @@ def peer_labels(
     }
 
 
-@dataclass(eq=False)
+_PEER_CACHE_MAX = 4096
+_peer_cache: dict[tuple[int, int, int, str | None],
+                  tuple[Workload | None, Workload | None, Service | None, tuple[str, ...]]] = {}
+
+
+def peer_key(src: Workload | None, src_principal: str | None, dst: Workload | None,
+             svc: Service | None) -> tuple[str, ...]:
+    """``peer_labels`` as a tuple in ``_PEER_LABELS`` order, cached per (objects, principal):
+    the mesh model's objects are immutable, and a cached entry holds them, so an id is never
+    taken for another object's."""
+    k = (id(src), id(dst), id(svc), src_principal)
+    hit = _peer_cache.get(k)
+    if hit is not None and hit[0] is src and hit[1] is dst and hit[2] is svc:
+        return hit[3]
+    labels = peer_labels(src, src_principal, dst, svc)
+    key = tuple(labels[n] for n in _PEER_LABELS)
+    if len(_peer_cache) >= _PEER_CACHE_MAX:
+        _peer_cache.clear()
+    _peer_cache[k] = (src, dst, svc, key)
+    return key
+
+
+@dataclass(eq=False, slots=True)
 class RequestRecord:
     """Everything known about one HTTP request; ``finish`` records metrics and the log line."""
 
@@ -284,8 +306,12 @@ class RequestRecord:
             return False
         self.finished = True
         duration_ms = (time.monotonic() - self.start) * 1000.0
-        labels = self.labels(status, grpc_status)
-        key = tuple(labels[n] for n in HTTP_LABELS)
+        flags = self.response_flags
+        # HTTP_LABELS order: the peer labels, then these (as ``labels`` builds them)
+        key = peer_key(self.src_workload, self.src_principal, self.dst_workload,
+                       self.service) + (
+            "grpc" if self.grpc else "http", str(status),
+            grpc_status if grpc_status is not None else "", flags, "mutual_tls")
         m = self.metrics
         if m is not None:
             m.requests.labels(*key).inc()
@@ -310,7 +336,7 @@ class RequestRecord:
             ("protocol", self.protocol),
             ("http.status", status),
             ("grpc.status", grpc_status),
-            ("response_flags", self.response_flags),
+            ("response_flags", flags),
             ("response_code_details", self.details),
             ("route", self.route),
             ("attempts", self.attempts or None),
@@ -325,7 +351,7 @@ class RequestRecord:
         return True
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TcpRecord:
     """One TCP connection relayed at L4 through the waypoint."""
 

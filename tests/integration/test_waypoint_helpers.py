@@ -223,10 +223,17 @@ def _h1_handler(pod: str, hits: _Hits) -> type[http.server.BaseHTTPRequestHandle
                                "body": body.decode("latin-1")}).encode()
             self.send_response(status)
             self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
+            # /close: "Connection: close"; /hangup: keep-alive answer, then the server closes;
+            # /short: the body ends 5 bytes before its Content-Length, and the server closes
+            short = 5 if path.startswith("/short") else 0
+            self.send_header("content-length", str(len(data) + short))
             self.send_header("x-pod", pod)
+            if path.startswith("/close"):
+                self.send_header("connection", "close")
             self.end_headers()
             self.wfile.write(data)
+            if path.startswith(("/close", "/hangup", "/short")):
+                self.close_connection = True
 
         do_GET = do_POST = do_PUT = do_DELETE = _reply
 
