@@ -113,11 +113,11 @@ class MeshState:
         return self._workloads.get(uid)
 
     def workload_by_address(self, network: str, ip: IPAddress | str) -> Workload | None:
-        uids = self._wl_by_addr.get(NetworkAddress(network, ipaddress.ip_address(ip)))
+        uids = self._wl_by_addr.get(NetworkAddress(network, _ip(ip)))
         return self._workloads[uids[-1]] if uids else None
 
     def service_by_vip(self, network: str, ip: IPAddress | str) -> Service | None:
-        keys = self._svc_by_vip.get(NetworkAddress(network, ipaddress.ip_address(ip)))
+        keys = self._svc_by_vip.get(NetworkAddress(network, _ip(ip)))
         return self._services[keys[-1]] if keys else None
 
     def service_by_key(self, key: str) -> Service | None:
@@ -431,3 +431,11 @@ class MeshStore:
 
     def dump(self) -> dict[str, Any]:
         return self._state.dump()
+
+
+def _ip(ip: IPAddress | str) -> IPAddress:
+    """``ip`` as an address object; one already parsed is not parsed again (lookups run for
+    every proxied connection, and ``ip_address`` re-parses its argument's text)."""
+    if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return ip
+    return ipaddress.ip_address(ip)

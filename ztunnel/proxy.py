@@ -37,7 +37,7 @@ from ambient.certs import CertificateError, CertificateManager
 from ambient.hbone.aio import HboneConnectError, Incoming, serve_hbone
 from ambient.hbone.pool import HbonePool, PoolKey
 from ambient.hbone.protocol import ConnectRequest, build_request_headers
-from ambient.hbone.tcpleg import splice_hbone, splice_hbone_socket, splice_tcp
+from ambient.hbone.tcpleg import Accepted, splice_hbone, splice_hbone_socket, splice_tcp
 from ambient.identity import SpiffeId
 from ambient.model import Workload
 from ambient.store import MeshState, MeshStore
@@ -47,7 +47,7 @@ from ztunnel.metrics import Metrics
 from ztunnel.result import ConnectionResult, ConnectionTracker, ResponseFlags
 from ztunnel.route import Hbone, NoRoute, Passthrough, route_outbound, waypoint_bypass
 from ztunnel.samenode import LocalSplicer, local_target
-from ztunnel.sockets import dial_socket, listener, original_dst
+from ztunnel.sockets import connect, dial_socket, listener, original_dst
 
 log = logging.getLogger("ztunnel.proxy")
 
@@ -149,14 +149,10 @@ class Ztunnel:
                                 transparent=True)
             in_sock = listener(netns, INBOUND_PLAINTEXT_PORT, mark=mark, reuseport=reuse)
             pod.hbone_listener = listener(netns, INBOUND_HBONE_PORT, mark=mark, reuseport=reuse)
-            pod.servers.append(
-                await asyncio.start_server(self._tracked(pod, self._outbound), sock=out_sock,
-                                     backlog=LISTEN_BACKLOG)
-            )
-            pod.servers.append(
-                await asyncio.start_server(self._tracked(pod, self._inbound_plain), sock=in_sock,
-                                     backlog=LISTEN_BACKLOG)
-            )
+            loop = asyncio.get_running_loop()
+            for sock, handler in ((out_sock, self._outbound), (in_sock, self._inbound_plain)):
+                pod.servers.append(await loop.create_server(
+                    self._tracked(pod, handler), sock=sock, backlog=LISTEN_BACKLOG))
         except OSError as e:
             await self._close_pod(pod)
             raise OSError(
@@ -271,26 +267,35 @@ class Ztunnel:
     # -- plumbing -------------------------------------------------------------------------
 
     def _tracked(
-        self,
-        pod: PodProxy,
-        handler: Callable[[PodProxy, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self, pod: PodProxy, handler: Callable[[PodProxy, Accepted], Awaitable[None]]
+    ) -> Callable[[], Accepted]:
+        """Protocol factory of a pod listener: each accepted connection (no StreamReader
+        pair: see ``ambient.hbone.tcpleg.Accepted``) runs ``handler`` in a task of its own."""
+        loop = asyncio.get_running_loop()
+
+        async def run(conn: Accepted) -> None:
             task = asyncio.current_task()
             assert task is not None
             pod.tasks.add(task)
             try:
-                await handler(pod, reader, writer)
+                await handler(pod, conn)
             except asyncio.CancelledError:
-                writer.transport.abort()
+                conn.transport.abort()
             except Exception:
                 log.exception("connection handler failed")
-                writer.transport.abort()
+                conn.transport.abort()
             finally:
                 pod.tasks.discard(task)
                 self._finish(task)
 
-        return run
+        class _Conn(Accepted):
+            __slots__ = ()
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                loop.create_task(run(self))
+
+        return _Conn
 
     def _dialer(self, pod: PodProxy) -> Callable[[tuple[Any, int]], Awaitable[socket.socket]]:
         async def dial(dst: tuple[Any, int]) -> socket.socket:
@@ -303,10 +308,8 @@ class Ztunnel:
     ) -> socket.socket:
         sock = dial_socket(pod.netns, ip, mark=self.settings.packet_mark, source=source)
         try:
-            await asyncio.wait_for(
-                asyncio.get_running_loop().sock_connect(sock, (ip, port)),
-                self.settings.connect_timeout_s,
-            )
+            # Not loop.sock_connect: uvloop resolves even an IP literal on its thread pool.
+            await connect(sock, (ip, port), self.settings.connect_timeout_s)
         except TimeoutError:
             sock.close()
             raise TimeoutError(
@@ -326,18 +329,17 @@ class Ztunnel:
         pod: PodProxy,
         dst: tuple[str, int],
         source: tuple[str, int] | None,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        conn: Accepted,
         result: ConnectionResult,
     ) -> None:
         """Plain TCP leg: dial ``dst`` from the pod, copy both ways, close the result."""
         try:
             up = await self._dial(pod, dst[0], dst[1], source=source)
         except OSError as e:
-            writer.transport.abort()
+            conn.transport.abort()
             result.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
             return
-        sent, received, error = await splice_tcp((reader, writer), up)
+        sent, received, error = await splice_tcp(conn, up)
         result.close(sent, received, error=error)
 
     @staticmethod
@@ -397,15 +399,15 @@ class Ztunnel:
     # -- outbound (15001) -----------------------------------------------------------------
 
     async def _outbound(
-        self, pod: PodProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, pod: PodProxy, conn: Accepted
     ) -> None:
-        peer = writer.get_extra_info("peername")
-        sock = writer.get_extra_info("socket")
+        peer = conn.transport.get_extra_info("peername")
+        sock = conn.transport.get_extra_info("socket")
         try:
             dst = original_dst(sock)
         except OSError:
             log.warning("outbound connection from %s has no original destination; closing", peer)
-            writer.transport.abort()
+            conn.transport.abort()
             return
         src = await self._pod_workload(pod)
         state = self.store.snapshot
@@ -415,20 +417,20 @@ class Ztunnel:
                 "pod %s/%s is not in the mesh configuration yet; refusing its connection to %s:%d",
                 pod.namespace, pod.name, *dst,
             )
-            writer.transport.abort()
+            conn.transport.abort()
             return
         route = route_outbound(state, src, dst[0], dst[1], network=self.settings.network)
         local = (local_target(route, self._served_pods(state))
                  if self.settings.same_node_shortcut else None)
         if local is not None:
             assert isinstance(route, Hbone)
-            await self._outbound_local(pod, src, peer, route, local[0], local[1], reader, writer)
+            await self._outbound_local(pod, src, peer, route, local[0], local[1], conn)
         elif isinstance(route, Hbone):
-            await self._outbound_hbone(pod, src, peer, dst, route, reader, writer)
+            await self._outbound_hbone(pod, src, peer, dst, route, conn)
         elif isinstance(route, Passthrough):
-            await self._outbound_passthrough(pod, src, peer, route, reader, writer)
+            await self._outbound_passthrough(pod, src, peer, route, conn)
         else:
-            self._refuse(src, peer, dst, route, writer)
+            self._refuse(src, peer, dst, route, conn)
 
     def _refuse(
         self,
@@ -436,13 +438,13 @@ class Ztunnel:
         peer: tuple[str, int],
         dst: tuple[str, int],
         route: NoRoute,
-        writer: asyncio.StreamWriter,
+        conn: Accepted,
     ) -> None:
         result = self._result(
             reporter="source", src=peer, dst=dst, src_workload=src, dst_service=route.service,
             src_identity=src.identity(),
         )
-        writer.transport.abort()
+        conn.transport.abort()
         result.close(0, 0, error=route.reason, response_flags=ResponseFlags.CONNECT)
 
     async def _outbound_hbone(
@@ -452,8 +454,7 @@ class Ztunnel:
         peer: tuple[str, int],
         dst: tuple[str, int],
         route: Hbone,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        conn: Accepted,
     ) -> None:
         assert pod.pool is not None
         result = self._result(
@@ -477,10 +478,10 @@ class Ztunnel:
         try:
             stream = await pod.pool.connect(key, route.authority, headers)
         except (HboneConnectError, CertificateError, OSError) as e:
-            writer.transport.abort()
+            conn.transport.abort()
             result.close(0, 0, error=e)  # the flag comes from flag_for_error
             return
-        r = await splice_hbone(stream, reader, writer)
+        r = await splice_hbone(stream, conn)
         result.close(r.to_stream, r.from_stream, error=r.error)
 
     async def _outbound_local(
@@ -491,8 +492,7 @@ class Ztunnel:
         route: Hbone,
         dst_pod: PodProxy,
         target: tuple[str, int],
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        conn: Accepted,
     ) -> None:
         """The same-node shortcut (ztunnel/samenode.py): the HBONE path's checks and results
         on both sides, without the tunnel."""
@@ -515,13 +515,13 @@ class Ztunnel:
             if wl is not None:
                 await self.certs.server_ctx(wl.identity())
         except CertificateError as e:
-            writer.transport.abort()
+            conn.transport.abort()
             inb.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
             out.close(0, 0, error=e)
             return
         status = self._admit(state, dst_pod, wl, peer[0], src_id, target, route.authority, inb)
         if status is not None:
-            writer.transport.abort()
+            conn.transport.abort()
             out.close(0, 0, error=inb.error or f"destination refused ({status})",
                       response_flags=ResponseFlags.DENY if status == 401 else
                       ResponseFlags.CONNECT)
@@ -529,12 +529,12 @@ class Ztunnel:
         try:
             app = await self._dial(dst_pod, target[0], target[1], source=self._orig_src(peer[0]))
         except OSError as e:
-            writer.transport.abort()
+            conn.transport.abort()
             inb.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
             out.close(0, 0, error=e, response_flags=ResponseFlags.CONNECT)
             return
         self._guard(dst_pod, peer[0], src_id, target, inb)
-        sent, received, error = await self.local.splice(reader, writer, app)
+        sent, received, error = await self.local.splice(conn, app)
         inb.close(sent, received, error=error)
         out.close(sent, received, error=error)
 
@@ -544,25 +544,24 @@ class Ztunnel:
         src: Workload,
         peer: tuple[str, int],
         route: Passthrough,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        conn: Accepted,
     ) -> None:
         result = self._result(
             reporter="source", src=peer, dst=route.address, src_workload=src,
             dst_workload=route.workload, dst_service=route.service, src_identity=src.identity(),
         )
-        await self._relay_tcp(pod, route.address, None, reader, writer, result)
+        await self._relay_tcp(pod, route.address, None, conn, result)
 
     # -- inbound plaintext (15006) --------------------------------------------------------
 
     async def _inbound_plain(
-        self, pod: PodProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, pod: PodProxy, conn: Accepted
     ) -> None:
-        peer = writer.get_extra_info("peername")
+        peer = conn.transport.get_extra_info("peername")
         try:
-            dst = original_dst(writer.get_extra_info("socket"))
+            dst = original_dst(conn.transport.get_extra_info("socket"))
         except OSError:
-            writer.transport.abort()
+            conn.transport.abort()
             return
         wl = await self._pod_workload(pod)
         state = self.store.snapshot
@@ -571,23 +570,23 @@ class Ztunnel:
             reporter="destination", src=peer, dst=dst, src_workload=src_wl, dst_workload=wl,
         )
         if wl is None:
-            writer.transport.abort()
+            conn.transport.abort()
             result.close(0, 0, error="destination workload unknown", response_flags="CONNECT")
             return
         bypass = waypoint_bypass(state, wl, dst[1], None)
         if bypass is not None:  # a plaintext peer is never the waypoint
             result.set_decision(False, None, bypass)
-            writer.transport.abort()
+            conn.transport.abort()
             result.close(0, 0, error=bypass, response_flags=ResponseFlags.DENY)
             return
         decision = self._authorize(state, wl, peer[0], None, dst)
         result.set_decision(decision.allowed, decision.policy, decision.reason)
         if not decision.allowed:
-            writer.transport.abort()
+            conn.transport.abort()
             result.close(0, 0, error=decision.reason, response_flags=ResponseFlags.DENY)
             return
         self._guard(pod, peer[0], None, dst, result)
-        await self._relay_tcp(pod, dst, self._orig_src(peer[0]), reader, writer, result)
+        await self._relay_tcp(pod, dst, self._orig_src(peer[0]), conn, result)
 
     # -- inbound HBONE (15008) ------------------------------------------------------------
 

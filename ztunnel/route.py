@@ -104,7 +104,7 @@ def _to_workload(workload: Workload, port: int, service: Service | None) -> Rout
     if workload.tunnel_protocol == "HBONE":
         return Hbone(
             address=(ip, HBONE_PORT),
-            authority=format_authority(ip, port),
+            authority=format_authority(ips[0], port),
             workload=workload,
             service=service,
             identities=frozenset({workload.identity()}) | _san_identities(service),
@@ -205,7 +205,7 @@ def route_outbound(
 ) -> Route:
     """Decide where a connection from ``source`` to ``dst_ip:dst_port`` goes."""
     ip = ipaddress.ip_address(dst_ip)
-    original = format_authority(str(ip), dst_port)
+    original = format_authority(ip, dst_port)
     service = state.service_by_vip(network, ip)
     if service is not None:
         if service.waypoint is not None and not is_from_waypoint(state, service.waypoint,

@@ -29,16 +29,15 @@ with the other handlers in ``ztunnel/proxy.py``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ambient.hbone.protocol import parse_authority
-from ambient.hbone.tcpleg import splice_tcp
+from ambient.hbone.tcpleg import Accepted, splice_tcp
 from ztunnel.route import HBONE_PORT, Hbone, Route
 
 if TYPE_CHECKING:
@@ -97,53 +96,28 @@ class LocalSplicer:
         return self._kernel
 
     async def splice(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, app: socket.socket
+        self, conn: Accepted, app: socket.socket
     ) -> tuple[int, int, BaseException | None]:
         """Relay client <-> app until both sides end; returns (to app, to client, error)."""
         kernel = self._kernel_splice()
-        if kernel is not None:
-            detached = _detach(reader, writer)
-            if detached is not None:
-                sock, pending = detached
-                from ambient.splicemap import SpliceUnavailable
+        if kernel is not None and conn.lost is None and not conn.transport.is_closing():
+            from ambient.splicemap import SpliceUnavailable
+
+            try:  # a duplicate of the client socket; the transport (paused) keeps its own
+                raw = conn.transport.get_extra_info("socket")
+                sock = socket.socket(fileno=os.dup(raw.fileno()))
+            except OSError as e:
+                log.info("cannot duplicate the client socket (%s); relaying in ztunnel", e)
+            else:
+                sock.setblocking(False)
                 try:
-                    result = await kernel.splice(sock, app, pending=pending)
+                    result = await kernel.splice(sock, app, pending=bytes(conn.pending))
                 except SpliceUnavailable as e:
                     log.info("kernel splice unavailable (%s); relaying in ztunnel", e)
-                    _reattach(reader, writer, sock, pending)
+                    sock.close()
                 else:
+                    conn.pending.clear()
                     self.kernel_used += 1
-                    writer.transport.abort()  # the splice closed its copy of the socket
+                    conn.transport.abort()  # the splice closed its copy of the socket
                     return result
-        return await splice_tcp((reader, writer), app)
-
-
-def _detach(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> tuple[socket.socket, bytes] | None:
-    """Stop the transport reading and return a duplicate of its socket plus the bytes the
-    StreamReader already holds (they must reach the application first)."""
-    transport: Any = writer.transport
-    raw = transport.get_extra_info("socket")
-    if raw is None or transport.is_closing() or transport.get_write_buffer_size():
-        return None
-    transport.pause_reading()
-    try:
-        sock = socket.socket(fileno=os.dup(raw.fileno()))
-    except OSError:
-        transport.resume_reading()
-        return None
-    sock.setblocking(False)
-    buf: bytearray = getattr(reader, "_buffer", bytearray())
-    pending = bytes(buf)
-    buf.clear()
-    return sock, pending
-
-
-def _reattach(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-              sock: socket.socket, pending: bytes) -> None:
-    """Undo :func:`_detach` before any byte moved (the kernel splice refused)."""
-    sock.close()
-    if pending:
-        reader.feed_data(pending)
-    writer.transport.resume_reading()  # type: ignore[attr-defined]
+        return await splice_tcp(conn, app)

@@ -21,6 +21,9 @@ Invariants:
   always through h2's state: the stream must be open for sending, the frame fits the
   windows and the peer's MAX_FRAME_SIZE, and h2's window counters are charged exactly as its
   own ``send_data`` would. Output order is preserved (h2's pending bytes go out first).
+* Header blocks we send are normalised here, not by ``h2`` (its outbound checks are off:
+  they cost more than HPACK on the connection-setup path): names lower-cased, values
+  stripped, connection-specific fields refused; strings go out without Huffman coding.
 * A malformed request (RFC 9113 §8.1.1) is reset with PROTOCOL_ERROR on that stream only; a
   well-formed request we refuse gets a status (400 bad method or authority, 503 illegal port,
   as ztunnel does), so one bad stream never takes down a pooled connection.
@@ -29,12 +32,13 @@ Invariants:
 from __future__ import annotations
 
 import ipaddress
+import random as _random
 import secrets
 import struct
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import h2.config
 import h2.connection
@@ -44,6 +48,7 @@ import h2.exceptions
 import h2.frame_buffer
 import h2.settings
 import h2.stream
+import hpack
 import hyperframe.frame
 
 from .rxframes import FAST_RECV, DataChunk, InboundFramer
@@ -167,6 +172,15 @@ def _cheap_data_frame_repr(self: hyperframe.frame.DataFrame) -> str:
 # CPU of a bulk transfer). Make those reprs O(1).
 hyperframe.frame._raw_data_repr = _cheap_raw_data_repr
 hyperframe.frame.DataFrame._body_repr = _cheap_data_frame_repr  # type: ignore[method-assign,assignment]
+
+
+class _PlainEncoder(hpack.Encoder):
+    """HPACK without Huffman coding of the strings we send (RFC 7541 lets the encoder choose
+    per string; every decoder reads both). Pure-Python Huffman coding (and our own peer's
+    decoding of it) cost more CPU per CONNECT than the few dozen bytes it saves."""
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=False)
 
 
 def header_block_limit(max_header_list_size: int) -> int:
@@ -355,12 +369,15 @@ def format_authority(host: IPAddress | str, port: int) -> str:
 
 
 def make_traceparent(*, sampled: bool = False) -> str:
-    """A fresh W3C ``traceparent`` (version 00, random non-zero trace and span ids)."""
-    trace_id = secrets.token_hex(16)
-    span_id = secrets.token_hex(8)
-    if trace_id == "0" * 32 or span_id == "0" * 16:  # vanishingly rare; ids must be non-zero
+    """A fresh W3C ``traceparent`` (version 00, random non-zero trace and span ids).
+
+    The ids only need to be unique, not secret: ``random`` rather than ``secrets`` saves two
+    ``getrandom`` system calls per HBONE stream."""
+    trace_id = _random.getrandbits(128)
+    span_id = _random.getrandbits(64)
+    if not trace_id or not span_id:  # vanishingly rare; ids must be non-zero
         return make_traceparent(sampled=sampled)
-    return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
+    return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
 
 
 def build_request_headers(
@@ -388,6 +405,32 @@ def build_request_headers(
     headers.append(("traceparent", traceparent or make_traceparent()))
     headers.extend((k.lower(), v) for k, v in extra)
     return headers
+
+
+_CONNECT_PSEUDO: Final = frozenset({":method", ":authority"})  # connect() sets these itself
+# RFC 9113 §8.2.2: fields that must not appear in HTTP/2.
+_CONNECTION_SPECIFIC: Final = frozenset({
+    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te",
+})
+
+
+def _outbound_fields(
+    headers: Iterable[tuple[str, str]], skip: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """A caller's extra fields as we send them: names lower-cased, values without
+    surrounding whitespace (what h2's outbound normalisation did), names in ``skip`` left
+    out; other pseudo-headers and connection-specific fields are refused (StreamGone), as
+    h2's validation refused them."""
+    out = []
+    for k, v in headers:
+        name = k.lower()
+        if name in skip:
+            continue
+        if name.startswith(":") or (name in _CONNECTION_SPECIFIC
+                                    and (name, v.strip(" \t")) != ("te", "trailers")):
+            raise StreamGone(f"cannot send header {name!r} on an HBONE stream")
+        out.append((name, v.strip(" \t")))
+    return out
 
 
 def _decode_headers(
@@ -436,8 +479,15 @@ class _HboneConnection:
             # The server validates requests itself so that a malformed request resets only
             # its own stream (h2 would tear down the whole connection).
             validate_inbound_headers=self.client_side,
+            # Every header block we send is built here (connect, respond): lower-case names,
+            # pseudo-headers first, no connection-specific fields. h2's per-header checks and
+            # rewrites cost more than HPACK itself on the connection-setup path.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            split_outbound_cookies=False,
         )
         self._h2 = h2.connection.H2Connection(config=config)
+        self._h2.encoder = _PlainEncoder()
         self._h2.incoming_buffer = _BoundedFrameBuffer(
             not self.client_side, header_block_limit(self.settings.max_header_list_size))
         self._outboxes: dict[int, _Outbox] = {}
@@ -742,7 +792,7 @@ class HboneServerProtocol(_HboneConnection):
         """Answer a ConnectRequest. 200 opens the tunnel; anything else ends the stream."""
         if status not in _ALLOWED_STATUSES:
             raise ValueError(f"unsupported HBONE response status {status}")
-        hdrs = [(":status", str(status)), *((k.lower(), v) for k, v in headers)]
+        hdrs = [(":status", str(status)), *_outbound_fields(headers)]
         end = status != 200
         try:
             self._h2.send_headers(stream_id, hdrs, end_stream=end)
@@ -820,8 +870,8 @@ class HboneClientProtocol(_HboneConnection):
         """Open a CONNECT stream to ``authority``; returns its stream id."""
         if self._closed:
             raise StreamGone("connection is closed; open a new one")
-        hdrs = [(":method", "CONNECT"), (":authority", authority)]
-        hdrs += [(k.lower(), v) for k, v in headers if k.lower() not in (":method", ":authority")]
+        hdrs = [(":method", "CONNECT"), (":authority", authority),
+                *_outbound_fields(headers, _CONNECT_PSEUDO)]
         sid = self._h2.get_next_available_stream_id()
         try:
             self._h2.send_headers(sid, hdrs, end_stream=False)

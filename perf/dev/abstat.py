@@ -2,7 +2,8 @@
 
 Role: turn each run's ztunnel CPU seconds into CPU per unit of work, which contention on a
 shared machine distorts far less than throughput: ``cpu_s_per_gb`` (iperf3), ``cpu_us_per_req``
-(closed-loop h2load) and ``cpu_us_per_req_1k`` (the fixed 1000 req/s run); then the median per
+(closed-loop h2load), ``cpu_us_per_req_1k`` (the fixed 1000 req/s run) and ``cpu_us_per_conn``
+(one request per new connection, wrk); then the median per
 variant and mode, next to the medians of the raw figures.
 
 Usage: ``python -m perf.dev.abstat RESULT.json [...]``
@@ -24,7 +25,9 @@ def per_unit(r: dict[str, Any], seconds: float) -> dict[str, float]:
         out["cpu_us_per_req"] = r["zt_cpu_s_rps"] * 1e6 / (r["rps"] * seconds)
     if r.get("p50_ms") is not None and "zt_cpu_s_p50_ms" in r:
         out["cpu_us_per_req_1k"] = r["zt_cpu_s_p50_ms"] * 1e6 / (1000 * seconds)
-    for k in ("gbps", "rps", "p50_ms"):
+    if r.get("conn_s"):
+        out["cpu_us_per_conn"] = r["zt_cpu_s_conn_s"] * 1e6 / (r["conn_s"] * seconds)
+    for k in ("gbps", "rps", "p50_ms", "conn_s"):
         if r.get(k) is not None:
             out[k] = r[k]
     return out

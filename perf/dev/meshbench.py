@@ -7,7 +7,10 @@ namespaces, real capture, real mTLS), but with only the figures the optimisation
 * ``gbps``: single-stream iperf3 throughput;
 * ``rps``: closed-loop HTTP/1.1 requests/s at 16 connections (h2load against nginx);
 * ``p50_ms``: median latency at a fixed 1000 req/s over 4 connections (h2load --rps);
-* ``zt_cpu_s``: CPU seconds both ztunnels spent during each figure (from /proc);
+* ``conn_s``: new connections per second, every request on its own connection (``wrk -t 1
+  -c 4 -H 'Connection: close'``, as the suite's ``conn_per_s``);
+* ``zt_cpu_s``: CPU seconds both ztunnels spent during each figure (from /proc), and
+  ``zt_sys_s`` the system (kernel) part of it;
 * ``zt_rss_mb``: both ztunnels' resident memory at the end.
 
 Modes: ``direct`` (unenrolled namespace, cross-node), ``ambient`` (cross-node through both
@@ -118,12 +121,13 @@ def manifests_text() -> str:
     return "\n---\n".join(docs) + "\n"
 
 
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of ``pid`` and its reaped children, in seconds."""
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` and its reaped children."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    ticks = sum(int(x) for x in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    ticks = [int(x) for x in fields[11:15]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (ticks[0] + ticks[2]) / hz, (ticks[1] + ticks[3]) / hz
 
 
 def proc_rss_mb(pid: int) -> float:
@@ -176,10 +180,11 @@ class Bench:
                                f"{cp.stderr[-800:]}{cp.stdout[-800:]}")
         return cp.stdout
 
-    def measured(self, mode: str, figure: str, fn: Any) -> tuple[Any, float]:
-        """Run ``fn`` and return (its value, ztunnel CPU seconds spent meanwhile)."""
+    def measured(self, mode: str, figure: str, fn: Any) -> tuple[Any, float, float]:
+        """Run ``fn``; return (its value, ztunnel CPU seconds spent meanwhile, of which
+        system)."""
         pids = self.zt_pids()
-        before = sum(proc_cpu_s(p) for p in pids.values())
+        before = [proc_cpu_split(p) for p in pids.values()]
         spies = []
         if self.profile is not None and mode != "direct":
             for node, pid in pids.items():
@@ -200,8 +205,10 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     s.kill()
                     s.wait()
-        after = sum(proc_cpu_s(p) for p in pids.values())
-        return value, after - before
+        after = [proc_cpu_split(p) for p in pids.values()]
+        user = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+        system = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+        return value, user + system, system
 
     def iperf(self, client: str, ip: str) -> float:
         out = self.run(client, ["/usr/bin/iperf3", "-c", ip, "-p", str(IPERF_PORT), "-J",
@@ -230,16 +237,27 @@ class Bench:
             raise RuntimeError("h2load logged no requests")
         return lat[len(lat) // 2] / 1000.0  # microseconds -> ms
 
+    def conn_rate(self, client: str, ip: str) -> float:
+        out = self.run(client, ["/usr/bin/wrk", "-t", "1", "-c", "4", "-d",
+                                f"{int(self.seconds)}s", "-H", "Connection: close",
+                                f"http://{ip}:{NGINX_PORT}/"], timeout=self.seconds + 30)
+        m = re.search(r"Requests/sec:\s*([\d.]+)", out)
+        if not m:
+            raise RuntimeError(f"cannot parse wrk output: {out[-500:]}")
+        return float(m.group(1))
+
     def mode(self, mode: str, figures: list[str]) -> dict[str, Any]:
         client, server = MODES[mode]
         ip = self.mesh.pods[server].ip
         res: dict[str, Any] = {}
         fns = {"gbps": lambda: self.iperf(client, ip), "rps": lambda: self.rps(client, ip),
-               "p50_ms": lambda: self.p50(client, ip)}
+               "p50_ms": lambda: self.p50(client, ip),
+               "conn_s": lambda: self.conn_rate(client, ip)}
         for fig in figures:
-            value, cpu = self.measured(mode, fig, fns[fig])
+            value, cpu, system = self.measured(mode, fig, fns[fig])
             res[fig] = round(value, 3)
             res[f"zt_cpu_s_{fig}"] = round(cpu, 2)
+            res[f"zt_sys_s_{fig}"] = round(system, 2)
         if mode != "direct":
             res["zt_rss_mb"] = round(sum(proc_rss_mb(p) for p in self.zt_pids().values()), 1)
         return res
@@ -254,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--figures", default="gbps,rps,p50_ms")
+    ap.add_argument("--figures", default="gbps,rps,p50_ms,conn_s")
     ap.add_argument("--repeat", type=int, default=1, help="rounds over all modes")
     ap.add_argument("--capture", default="iptables")
     ap.add_argument("--profile", type=Path, default=None, help="directory for py-spy output")

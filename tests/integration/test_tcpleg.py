@@ -179,7 +179,7 @@ def test_splice_hbone_large_transfer_over_mtls(use_uvloop: bool) -> None:
 
         async def handler(req: ConnectRequest, peer: SpiffeId, incoming: Incoming) -> None:
             r, w = await asyncio.open_connection("127.0.0.1", req.port)
-            results.append(await splice_hbone(incoming.accept(), r, w))
+            results.append(await splice_hbone(incoming.accept(), (r, w)))
 
         srv, pool, key = await hbone_server_and_pool(handler)
         try:
