@@ -53,7 +53,14 @@ class Accepted(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.pause_reading()
+        # Not pause_reading() here: asyncio and uvloop both start reading *after*
+        # connection_made and ignore a pause made in it.  Scheduled now, it runs before
+        # anything the caller schedules from here (a handler task).
+        asyncio.get_running_loop().call_soon(self._pause)
+
+    def _pause(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         self.pending += data

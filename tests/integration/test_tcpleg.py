@@ -28,7 +28,7 @@ from test_hbone_helpers import (
 from ambient.hbone.aio import Incoming, RelayResult, start_hbone_server
 from ambient.hbone.pool import HbonePool, PoolKey
 from ambient.hbone.protocol import ConnectRequest
-from ambient.hbone.tcpleg import splice_hbone, splice_hbone_socket, splice_tcp
+from ambient.hbone.tcpleg import Accepted, splice_hbone, splice_hbone_socket, splice_tcp
 from ambient.identity import SpiffeId
 
 LOOPS = pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
@@ -288,5 +288,52 @@ def test_splice_hbone_socket_over_mtls_with_a_server_first_app(use_uvloop: bool)
             await pool.close()
             srv.close()
             app.close()
+
+    run(main(), use_uvloop=use_uvloop)
+
+
+@LOOPS
+def test_accepted_leaves_bytes_in_the_kernel_until_a_relay_takes_over(use_uvloop: bool) -> None:
+    # Both loops start reading after connection_made and ignore a pause made inside it;
+    # Accepted must still hold later bytes in the kernel (a kernel splice relies on it) and
+    # hand everything, early bytes included, to the relay that takes over.
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        conns: list[Accepted] = []
+
+        class Conn(Accepted):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                conns.append(self)
+
+        srv = await loop.create_server(Conn, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        up_srv, up_port = await start_echo()
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"early ")
+            for _ in range(100):
+                if conns:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            w.write(b"late\n")
+            await w.drain()
+            await asyncio.sleep(0.2)
+            conn = conns[0]
+            fd = conn.transport.get_extra_info("socket").fileno()
+            with socket.socket(fileno=os.dup(fd)) as peek:
+                queued = len(peek.recv(100, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            assert queued >= len(b"late\n"), (queued, bytes(conn.pending))
+            assert b"late" not in conn.pending
+            up = socket.create_connection(("127.0.0.1", up_port))
+            up.setblocking(False)
+            relay = asyncio.create_task(splice_tcp(conn, up))
+            assert await r.readline() == b"early late\n"
+            w.close()
+            await relay
+        finally:
+            srv.close()
+            up_srv.close()
 
     run(main(), use_uvloop=use_uvloop)
