@@ -16,12 +16,12 @@ record of the HBONE path (``ztunnel.proxy.Ztunnel._outbound_local``):
 * both reporters' results are written with the labels the tunnel gives
   (``connection_security_policy="mutual_tls"``, both principals).
 
-Only the bytes take a shorter way: from one pod socket to the other, through the kernel (the
-node agent's eBPF sockmap, :mod:`ambient.splicemap`) when it is loaded, else through ztunnel's
-TCP relay.  Both legs are sockets inside the two pods' own namespaces, so plaintext never
-crosses the node's network (the veths), exactly as with HBONE.  ``SAME_NODE_SHORTCUT=false``
-restores Istio's behaviour (HBONE to itself); ``KERNEL_SPLICE=false`` keeps the relay in
-userspace.
+Only the bytes take a shorter way: from one pod socket to the other, through ztunnel's TCP
+relay, or, with ``KERNEL_SPLICE=true`` and the node agent's eBPF sockmap loaded
+(:mod:`ambient.splicemap`), through the kernel (far less CPU; lower single-stream throughput on
+6.18, see ``perf/README.md``).  Both legs are sockets inside the two pods' own namespaces, so
+plaintext never crosses the node's network (the veths), exactly as with HBONE.
+``SAME_NODE_SHORTCUT=false`` restores Istio's behaviour (HBONE to itself).
 
 This module holds the pure decision (:func:`local_target`) and the splice glue; the checks live
 with the other handlers in ``ztunnel/proxy.py``.
