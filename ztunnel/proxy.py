@@ -4,8 +4,10 @@ For every pod it serves, ztunnel opens, *inside the pod's network namespace*:
 
 * 15001, outbound: the pod's captured connections (original destination via
   SO_ORIGINAL_DST), routed by :func:`ztunnel.route.route_outbound` over HBONE (to the
-  destination, or to its waypoint with the original VIP:port as ``:authority``) or passed
-  through as plain TCP;
+  destination, or to its waypoint with the original VIP:port as ``:authority``), or, for a
+  destination pod this ztunnel serves itself, through the same-node shortcut (the inbound
+  checks and both results without the tunnel: ``ztunnel/samenode.py``), or passed through as
+  plain TCP;
 * 15006, inbound plaintext: connections to the pod that did not come over HBONE; L4
   policy applies with no peer identity, so PeerAuthentication STRICT denies them;
 * 15008, inbound HBONE: mutual TLS with the pod's own certificate, HTTP/2 CONNECT, L4
