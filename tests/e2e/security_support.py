@@ -357,9 +357,8 @@ def cmd_escape(targets: list[str], mark: int | None) -> dict[str, Any]:
 def cmd_ca(address: str, root: str, identity: str, token_file: str | None,
            token: str | None, alt_hostname: str) -> dict[str, Any]:
     """CreateCertificate for ``identity`` (impersonated, as a node proxy asks)."""
-    import grpc
-
     from ambient.certs import CertificateError, GrpcCaProvider
+    from ambient.grpclite import GrpcError
 
     provider = GrpcCaProvider(address, Path(root).read_bytes(), token_file, token=token,
                               alt_hostname=alt_hostname)
@@ -370,7 +369,7 @@ def cmd_ca(address: str, root: str, identity: str, token_file: str | None,
             return {"ok": True, "code": "OK", "identity": str(cert.identity), "error": ""}
         except CertificateError as e:
             cause = e.__cause__
-            code = cause.code().name if isinstance(cause, grpc.aio.AioRpcError) else "?"
+            code = cause.code.name if isinstance(cause, GrpcError) else "?"
             return {"ok": False, "code": code, "identity": "", "error": str(e)}
         finally:
             await provider.close()
