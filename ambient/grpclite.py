@@ -426,7 +426,7 @@ class ClientCore:
         """Feed bytes from the server; returns the calls whose state changed."""
         try:
             events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
+        except (h2.exceptions.ProtocolError, UnicodeDecodeError) as e:  # h2 decodes headers
             return self.connection_lost(f"the server broke HTTP/2 ({e}); closing the connection")
         changed: dict[int, CallState] = {}
         for ev in events:

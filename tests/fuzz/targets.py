@@ -38,6 +38,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            net.cni_plugin, net.cni_plugin_seeds),
     Target("cni_frames", "cni.events.FrameDecoder.feed",
            net.cni_frames, net.cni_frames_seeds),
+    Target("grpc_client", "ambient.grpclite.ClientCore.receive",
+           net.grpc_client, net.grpc_client_seeds, 8192),
     Target("xds_client", "ztunnel.xds_client.XdsClientState.handle_response + model.from_proto",
            cp.xds_client, cp.xds_client_seeds, 16384),
     Target("xds_server", "controlplane.xds.DeltaStream.handle_request",

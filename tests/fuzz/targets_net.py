@@ -305,3 +305,46 @@ def cni_frames_seeds() -> list[bytes]:
     rep = events.AgentReply(ok=False, enrolled=True, code=100, message="refused")
     return [b"\x07" + events.encode_frame(ev) + events.encode_frame(rep),
             b"\x01" + events.encode_frame(rep)]
+
+
+def grpc_client(data: bytes) -> None:
+    """``ambient.grpclite.ClientCore.receive`` (ztunnel's xDS and CA client) with two calls
+    open, one of them sending: server bytes may only end calls with a status, never raise."""
+    from ambient.grpclite import ClientCore, StatusCode
+
+    src = ByteSource(data)
+    core = ClientCore("istiod:15012", "https")
+    core.initiate()
+    a = core.start_call("/svc/Unary", [("authorization", "Bearer t")], timeout=5.0, limit=4096)
+    b = core.start_call("/svc/Stream")
+    core.send(a, b"x" * src.choice((0, 10, 70000)), end=True)
+    core.send(b, b"hello")
+    core.data_to_send()
+    blob = src.rest()
+    step = src.choice((1, 9, 64, 4096, 1 << 20)) if blob else 1
+    for i in range(0, len(blob), step):
+        for call in core.receive(blob[i : i + step]):
+            while call.messages:
+                assert len(call.messages.popleft()) <= 4096 or call is not a
+                core.consumed(call)
+            if call.status is not None:
+                assert isinstance(call.status[0], StatusCode) and isinstance(call.status[1], str)
+        core.data_to_send()
+        if core.closed:
+            assert all(c.status is not None for c in (a, b)), "a call outlived its connection"
+            return
+
+
+def grpc_client_seeds() -> list[bytes]:
+    ok = [(":status", "200"), ("content-type", "application/grpc")]
+    trailers = [("grpc-status", "0")]
+    msg = b"\x00\x00\x00\x00\x05hello"
+    return [
+        b"\x00" + _frame("settings", 0) + _frame("headers", 1, headers=ok)
+        + _frame("data", 1, data=msg) + _frame("headers", 1, headers=trailers,
+                                                 flags=["END_STREAM"]),
+        b"\x01" + _frame("settings", 0) + _frame("headers", 3, headers=ok + [
+            ("grpc-status", "7"), ("grpc-message", "denied%20here")], flags=["END_STREAM"])
+        + _frame("window", 0, inc=1 << 20) + _frame("goaway", 1),
+        b"\x02" + _frame("settings", 0) + _frame("rst", 1) + _frame("ping", 0),
+    ]

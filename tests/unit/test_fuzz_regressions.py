@@ -367,3 +367,22 @@ def test_cni_prev_result_lists_that_are_not_lists(field: str, command: str) -> N
     code, _ = plugin.run(env, stdin, send, io.StringIO())
     assert code == 0
     assert sent[0].ips == [] and sent[0].interfaces == ["eth0"]
+
+
+def test_grpc_client_header_that_is_not_utf8_closes_the_connection() -> None:
+    # Fuzz finding (grpc_client): h2 decodes header values as UTF-8 and raised
+    # UnicodeDecodeError out of ClientCore.receive, past the ProtocolError handling, into
+    # ztunnel's xDS/CA connection task.  Now the connection closes and the calls fail.
+    from ambient.grpclite import ClientCore, StatusCode
+
+    core = ClientCore("istiod:15012", "https")
+    core.initiate()
+    call = core.start_call("/svc/Stream")
+    core.data_to_send()
+    block = hpack.Encoder().encode([(b":status", b"200"), (b"x-bad", b"\xff\xfe")])
+    headers = hf.HeadersFrame(1, data=block)
+    headers.flags.add("END_HEADERS")
+    changed = core.receive(hf.SettingsFrame(0).serialize() + headers.serialize())
+    assert changed == [call] and core.closed
+    assert call.status is not None and call.status[0] is StatusCode.UNAVAILABLE
+    assert "broke HTTP/2" in call.status[1]
