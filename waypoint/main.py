@@ -33,6 +33,7 @@ from ambient.certs import (
 from ambient.hbone.pool import HbonePool
 from ambient.hbone.protocol import IPAddress
 from ambient.identity import SpiffeId
+from ambient.malloc import trim_periodically, tune_for_proxy
 from controlplane.objects import KINDS
 from waypoint.exchange import Exchange
 from waypoint.filters import FilterLoadError, RequestFilter, load_filters
@@ -198,6 +199,9 @@ class Waypoint:
             await srv.close()
 
 
+TRIM_INTERVAL_S = 10.0  # freed heap pages back to the kernel (ambient.malloc), as ztunnel
+
+
 async def run(settings: Settings) -> int:
     try:
         provider = cert_provider(settings)
@@ -222,7 +226,9 @@ async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, wp.stop_requested.set)
+    trim = asyncio.create_task(trim_periodically(TRIM_INTERVAL_S))
     await wp.stop_requested.wait()
+    trim.cancel()
     log.info("shutting down: draining for up to %.1fs", settings.termination_deadline_s)
     await wp.stop()
     return 0
@@ -246,6 +252,7 @@ def main() -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     lean_log_records()
+    tune_for_proxy()
     try:
         import uvloop
     except ImportError:  # pragma: no cover

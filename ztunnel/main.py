@@ -9,7 +9,6 @@ the listeners at once and gives live connections the termination deadline.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import logging
 import resource
@@ -28,6 +27,7 @@ from ambient.certs import (
     grpc_ca_provider,
     token_is_path,
 )
+from ambient.malloc import trim_periodically, tune_for_proxy
 from ambient.store import MeshStore
 from ztunnel.accesslog import configure_logging
 from ztunnel.admin import AdminServer, Readiness, ReadinessServer, StatsServer
@@ -128,7 +128,7 @@ async def run(settings: Settings) -> int:
         tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(mark_ready_later())]
 
     if settings.memory_trim_interval_s > 0:
-        tasks.append(asyncio.create_task(trim_memory(settings.memory_trim_interval_s)))
+        tasks.append(asyncio.create_task(trim_periodically(settings.memory_trim_interval_s)))
     if inpod is not None:
         tasks.append(asyncio.create_task(inpod.run()))
     else:
@@ -148,24 +148,6 @@ async def run(settings: Settings) -> int:
     for srv in (admin, stats, ready_srv):
         await srv.close()
     return 0
-
-
-async def trim_memory(interval: float) -> None:
-    """Every ``interval`` s, hand the heap's free pages back to the kernel (glibc's
-    ``malloc_trim``).  Bulk traffic allocates and frees large buffers (TLS reads of up to
-    256 KiB, relay chunks); glibc keeps the freed pages mapped unless they sit at the top of
-    the heap, so a ztunnel's RSS would stay at its peak long after the traffic stopped.  A
-    pass over a ztunnel-sized heap takes about a millisecond."""
-    try:
-        libc = ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        log.info("malloc_trim is not available (not glibc): MEMORY_TRIM_INTERVAL ignored")
-        return
-    trim.argtypes = [ctypes.c_size_t]
-    while True:
-        await asyncio.sleep(interval)
-        trim(0)
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -195,6 +177,7 @@ def main() -> int:
         log.warning("open-file limit is %d: ztunnel can proxy only about %d connections; "
                     "raise the hard limit (ulimit -Hn, LimitNOFILE=)", soft, soft // 2)
     use_bpf_pin_dir(settings.bpf_pin_dir)
+    tune_for_proxy()
     try:
         import uvloop
     except ImportError:  # pragma: no cover

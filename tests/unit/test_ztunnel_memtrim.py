@@ -1,4 +1,5 @@
-"""ztunnel hands freed heap pages back to the kernel (ztunnel.main.trim_memory)."""
+"""The proxies' malloc settings (ambient.malloc): periodic trim, and TLS read buffers served
+from the heap instead of a fresh mmap each."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import ctypes
 
 import pytest
 
+from ambient.malloc import trim_periodically
 from ztunnel.config import SettingsError, from_env
-from ztunnel.main import trim_memory
 
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -37,7 +38,7 @@ def test_trim_gives_freed_heap_pages_back() -> None:
     before = _rss_kb()
 
     async def one_pass() -> None:
-        task = asyncio.create_task(trim_memory(0.01))
+        task = asyncio.create_task(trim_periodically(0.01))
         await asyncio.sleep(0.2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -59,3 +60,29 @@ def test_memory_trim_interval_setting(raw: str | None, want: float) -> None:
 def test_memory_trim_interval_rejects_nonsense() -> None:
     with pytest.raises(SettingsError, match="MEMORY_TRIM_INTERVAL"):
         from_env({"MEMORY_TRIM_INTERVAL": "soon"})
+
+
+_PROBE = """
+import ctypes, sys
+from ambient.malloc import tune_for_proxy
+if sys.argv[1] == "tuned":
+    assert tune_for_proxy()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+p = libc.malloc(256 * 1024)
+heap = [line.split()[0] for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
+lo, hi = (int(x, 16) for x in heap[0].split("-"))
+print("heap" if lo <= p < hi else "mmap")
+"""
+
+
+@pytest.mark.parametrize(("mode", "where"), [("default", "mmap"), ("tuned", "heap")])
+def test_tls_read_sized_blocks_come_from_the_heap_once_tuned(mode: str, where: str) -> None:
+    # A fresh interpreter each: glibc's dynamic threshold depends on the process's history.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == where, out.stderr
