@@ -199,7 +199,7 @@ def hold(host: str, port: int, max_seconds: float, interval: float = 0.2) -> int
     deadline = time.monotonic() + max_seconds
     try:
         s = _connect(None, host, port, 5.0, None)
-        greeting, _ = _read_line(s, time.monotonic() + 5.0)
+        greeting, _ = read_line(s, time.monotonic() + 5.0)
     except OSError as e:
         print(f"failed {e!r}", flush=True)
         return 1
@@ -258,7 +258,8 @@ def _connect(netns: NetnsRef | None, host: str, port: int, timeout: float,
         raise
 
 
-def _read_line(s: socket.socket, deadline: float, limit: int = 4096) -> tuple[str, bytes]:
+def read_line(s: socket.socket, deadline: float, limit: int = 4096) -> tuple[str, bytes]:
+    """One line (the echo app's greeting) and what followed it, read before ``deadline``."""
     buf = b""
     while b"\n" not in buf and len(buf) < limit:
         s.settimeout(max(0.01, deadline - time.monotonic()))
@@ -284,7 +285,7 @@ def tcp_probe(netns: NetnsRef | None, host: str, port: int, payload: bytes = b"p
         return ProbeResult(False, error=f"connect {host}:{port}: {exc!r}")
     with s:
         try:
-            greeting, rest = _read_line(s, deadline)
+            greeting, rest = read_line(s, deadline)
             s.settimeout(max(0.01, deadline - time.monotonic()))
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)

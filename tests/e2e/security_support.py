@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script inside a pod
     sys.path.insert(0, str(REPO))
 
+from ambient.cluster.echo import read_line  # noqa: E402
 from ambient.hbone.aio import HboneConnectError, open_hbone_connection  # noqa: E402
 from ambient.hbone.protocol import HboneError  # noqa: E402
 from ambient.identity import SpiffeId  # noqa: E402
@@ -294,16 +295,10 @@ def _probe(host: str, port: int, mark: int | None, timeout: float = 5.0) -> dict
             s.settimeout(timeout)
             s.connect((host, port))
             connected = True
-            buf = b""
-            while b"\n" not in buf and len(buf) < 4096 and time.monotonic() < deadline:
-                s.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                buf += chunk
+            greeting, _ = read_line(s, deadline)
             return {"target": f"{host}:{port}", "connected": True,
-                    "ok": buf.startswith(b"hello from "),
-                    "greeting": buf.decode(errors="replace").strip(), "error": ""}
+                    "ok": greeting.startswith("hello from "),
+                    "greeting": greeting.strip(), "error": ""}
         except OSError as e:
             return {"target": f"{host}:{port}", "connected": connected, "ok": False,
                     "greeting": "", "error": repr(e)}
@@ -317,14 +312,7 @@ def cmd_send(host: str, port: int, payload: bytes, timeout: float) -> dict[str, 
         try:
             s.settimeout(timeout)
             s.connect((host, port))
-            buf = b""
-            while b"\n" not in buf and len(buf) < 4096 and time.monotonic() < deadline:
-                s.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                buf += chunk
-            greeting, _, echoed = buf.partition(b"\n")
+            greeting, echoed = read_line(s, deadline)
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)
             while len(echoed) < len(payload) + 65536 and time.monotonic() < deadline:
@@ -333,7 +321,7 @@ def cmd_send(host: str, port: int, payload: bytes, timeout: float) -> dict[str, 
                 if not chunk:
                     break
                 echoed += chunk
-            return {"ok": echoed == payload, "greeting": greeting.decode(errors="replace"),
+            return {"ok": echoed == payload, "greeting": greeting,
                     "echoed": len(echoed), "error": ""}
         except OSError as e:
             return {"ok": False, "greeting": "", "echoed": 0, "error": repr(e)}
