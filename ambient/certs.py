@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -98,8 +99,6 @@ class LocalCaProvider:
 def token_is_path(auth_token: str | None) -> bool:
     """``AUTH_TOKEN`` names a file (re-read at each use) when it contains ``/`` or names an
     existing file; otherwise it is the token itself.  One rule for the CA and xDS clients."""
-    import os
-
     return bool(auth_token) and ("/" in str(auth_token) or os.path.exists(str(auth_token)))
 
 
@@ -111,6 +110,20 @@ def read_token(path: str) -> str:
         raise OSError(f"cannot read the token from {path} (AUTH_TOKEN): {exc}; is the "
                       "projected service account token (audience istio-ca) mounted there?"
                       ) from exc
+
+
+def load_roots(root_ca: str, setting: str) -> bytes | None:
+    """The PEM roots a ``*_ROOT_CA`` setting names: ``SYSTEM`` (None: the system store),
+    inline PEM, or a file (re-read at each call).  One rule for the CA and xDS clients."""
+    if root_ca == "SYSTEM":
+        return None
+    if "-----BEGIN CERTIFICATE-----" in root_ca:
+        return root_ca.encode()
+    try:
+        return Path(root_ca).read_bytes()
+    except OSError as e:
+        raise OSError(f"{setting}={root_ca!r}: {e}; mount the mesh root (ConfigMap "
+                      "istio-ca-root-cert) there, or set SYSTEM") from e
 
 
 def grpc_ca_provider(
@@ -128,18 +141,7 @@ def grpc_ca_provider(
     """A :class:`GrpcCaProvider` from the proxies' settings, as Istio reads them:
     ``CA_ROOT_CA`` is a file, ``SYSTEM`` (the system store) or inline PEM; ``AUTH_TOKEN`` is
     a path (re-read on every call) when it contains ``/`` or names a file, else the token."""
-    root: bytes | None = None
-    if not plaintext:
-        if root_ca == "SYSTEM":
-            root = b""
-        elif "-----BEGIN CERTIFICATE-----" in root_ca:
-            root = root_ca.encode()
-        else:
-            try:
-                root = Path(root_ca).read_bytes()
-            except OSError as e:
-                raise OSError(f"CA_ROOT_CA={root_ca!r}: {e}; mount the mesh root (ConfigMap "
-                              "istio-ca-root-cert) there, or set SYSTEM") from e
+    root = None if plaintext else load_roots(root_ca, "CA_ROOT_CA") or b""  # b"": system
     is_path = token_is_path(auth_token)
     return GrpcCaProvider(target, root, auth_token if is_path else None, cluster_id, ttl=ttl,
                           alt_hostname=alt_hostname, headers=headers, impersonate=impersonate,

@@ -49,7 +49,7 @@ from ambient.api.envoy.service.discovery.v3 import discovery_pb2
 from ambient.api.google.rpc import status_pb2
 from ambient.api.istio.security import authorization_pb2
 from ambient.api.istio.workload import workload_pb2
-from ambient.certs import read_token, token_is_path
+from ambient.certs import load_roots, read_token, token_is_path
 from ambient.grpclite import Channel, GrpcError, StatusCode, client_tls_context
 from ambient.model import ModelError, Policy, Service, Workload, from_proto
 from ambient.store import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, MeshStore
@@ -145,15 +145,7 @@ class XdsConfig:
 
     def root_certificates(self) -> bytes | None:
         """PEM roots for TLS (None: the system store)."""
-        if self.root_ca == "SYSTEM":
-            return None
-        if os.path.exists(self.root_ca):
-            with open(self.root_ca, "rb") as f:
-                return f.read()
-        if "-----BEGIN CERTIFICATE-----" in self.root_ca:
-            return self.root_ca.encode()
-        raise OSError(f"XDS_ROOT_CA={self.root_ca!r} is not a readable file, SYSTEM or a PEM "
-                      "certificate; mount the mesh root (istio-ca-root-cert) there")
+        return load_roots(self.root_ca, "XDS_ROOT_CA")
 
     def channel(self) -> Channel:
         """A channel for one stream attempt (the roots are re-read for every attempt).
