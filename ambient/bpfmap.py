@@ -2,8 +2,9 @@
 
 Role: ztunnel must read the eBPF capture backend's ``amb_origdst`` map without importing bcc
 (bcc is a node-agent dependency, and compiling is not ztunnel's job).  This module is the small
-syscall layer both sides share: ``BPF_OBJ_GET`` on a pin path, element lookup/update/delete,
-and the program queries the loader uses to find attachments a crashed agent left behind.
+syscall layer both sides share: ``BPF_OBJ_GET``/``BPF_OBJ_PIN`` on a pin path, element
+lookup/update/delete, and the map/program queries (``BPF_OBJ_GET_INFO_BY_FD``,
+``BPF_PROG_QUERY``) the loaders and the kernel splice use to inspect what is pinned or attached.
 
 Invariants:
 - Key and value layouts are defined once here (``pack_conn_key``/``unpack_addr``) and match
@@ -23,6 +24,7 @@ import platform
 import socket
 import struct
 import threading
+from dataclasses import dataclass
 
 SO_NETNS_COOKIE = 71
 PIN_DIR = "/sys/fs/bpf/ambient"
@@ -32,8 +34,9 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
-BPF_PROG_DETACH = 9
+BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_PROG_DETACH = 9
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
@@ -45,6 +48,8 @@ _libc.syscall.restype = ctypes.c_long
 _CONN_KEY = struct.Struct("=Q4sHH")  # netns cookie, ip (net order), port (net order), pad
 _ADDR = struct.Struct("=4sHH")  # ip (net order), port (net order), pad
 ATTR_SIZE = 128
+_MAP_INFO_SIZE = 40  # through bpf_map_info.max_entries
+_PROG_INFO_SIZE = 80  # through bpf_prog_info.name
 
 
 def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
@@ -75,6 +80,62 @@ def obj_get(path: str) -> int:
     """An fd for the map or program pinned at ``path``."""
     p = ctypes.create_string_buffer(os.fsencode(path))
     return bpf(BPF_OBJ_GET, attr((0, "=Q", addr_of(p))))
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin the map or program behind ``fd`` at ``path`` (on a bpffs)."""
+    p = ctypes.create_string_buffer(os.fsencode(path))
+    bpf(BPF_OBJ_PIN, attr((0, "=Q", addr_of(p)), (8, "=I", fd)))
+
+
+def map_info(fd: int) -> tuple[int, int, int, int, int]:
+    """(type, id, key size, value size, max entries) of the map behind ``fd``."""
+    info = ctypes.create_string_buffer(_MAP_INFO_SIZE)
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr((0, "=I", fd), (4, "=I", _MAP_INFO_SIZE),
+                                     (8, "=Q", addr_of(info))))
+    mtype, mid, key, value, entries = struct.unpack_from("=IIIII", info)
+    return mtype, mid, key, value, entries
+
+
+def prog_query(target_fd: int, attach_type: int, limit: int = 256) -> list[int]:
+    """IDs of the programs attached to ``target_fd`` (a cgroup, a sockmap...) for
+    ``attach_type``."""
+    ids = (ctypes.c_uint32 * limit)()
+    a = attr((0, "=I", target_fd), (4, "=I", attach_type), (16, "=Q", ctypes.addressof(ids)),
+             (24, "=I", limit))
+    bpf(BPF_PROG_QUERY, a)
+    count = struct.unpack_from("=I", a, 24)[0]
+    return [int(ids[i]) for i in range(min(count, limit))]
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    prog_id: int
+    tag: bytes
+    name: str
+    map_ids: tuple[int, ...]
+
+
+def prog_info(prog_fd: int) -> ProgInfo:
+    """Id, tag, name and (up to 16) map ids of a loaded program."""
+    ids = (ctypes.c_uint32 * 16)()
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    struct.pack_into("=IQ", info, 52, 16, ctypes.addressof(ids))  # nr_map_ids, map_ids
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr((0, "=I", prog_fd), (4, "=I", _PROG_INFO_SIZE),
+                                     (8, "=Q", addr_of(info))))
+    pid = struct.unpack_from("=I", info, 4)[0]
+    nmaps = struct.unpack_from("=I", info, 52)[0]
+    name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+    return ProgInfo(int(pid), info.raw[8:16], name,
+                    tuple(int(ids[i]) for i in range(min(nmaps, 16))))
+
+
+def prog_info_by_id(prog_id: int) -> ProgInfo:
+    fd = bpf(BPF_PROG_GET_FD_BY_ID, attr((0, "=I", prog_id)))
+    try:
+        return prog_info(fd)
+    finally:
+        os.close(fd)
 
 
 def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:

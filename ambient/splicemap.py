@@ -29,7 +29,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import fcntl
 import logging
@@ -41,15 +40,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ambient.bpfmap import (
-    BPF_OBJ_GET_INFO_BY_FD,
-    BPF_PROG_GET_FD_BY_ID,
-    BPF_PROG_QUERY,
-    addr_of,
-    attr,
-    bpf,
     map_delete,
+    map_info,
     map_update,
     obj_get,
+    prog_info_by_id,
+    prog_query,
 )
 
 log = logging.getLogger("ambient.splicemap")
@@ -67,8 +63,6 @@ _KEY = struct.Struct("=Q")
 _TCPI_BYTES_ACKED = 120
 _TCPI_BYTES_RECEIVED = 128
 TCP_INFO_MIN = 136
-_MAP_INFO_SIZE = 40
-_PROG_INFO_SIZE = 80
 TCP_ESTABLISHED = 1
 # states in which the peer's FIN was received: CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT
 _FIN_RECEIVED = frozenset({8, 9, 11, 6})
@@ -133,52 +127,9 @@ def check_map(name: str, info: tuple[int, int, int, int], max_entries: int | Non
 # -- bpf(2) queries both sides use ----------------------------------------------------------
 
 
-def map_info(fd: int) -> tuple[int, int, int, int, int]:
-    """(type, id, key size, value size, max entries) of the map behind ``fd``."""
-    info = ctypes.create_string_buffer(_MAP_INFO_SIZE)
-    bpf(BPF_OBJ_GET_INFO_BY_FD, attr((0, "=I", fd), (4, "=I", _MAP_INFO_SIZE),
-                                     (8, "=Q", addr_of(info))))
-    mtype, mid, key, value, entries = struct.unpack_from("=IIIII", info)
-    return mtype, mid, key, value, entries
-
-
 def attached_verdicts(map_fd: int) -> list[int]:
     """IDs of the stream-verdict programs attached to a sockmap/sockhash."""
-    ids = (ctypes.c_uint32 * 8)()
-    a = attr((0, "=I", map_fd), (4, "=I", SK_SKB_STREAM_VERDICT),
-             (16, "=Q", ctypes.addressof(ids)), (24, "=I", 8))
-    bpf(BPF_PROG_QUERY, a)
-    count = struct.unpack_from("=I", a, 24)[0]
-    return [int(ids[i]) for i in range(min(count, 8))]
-
-
-@dataclass(frozen=True)
-class ProgInfo:
-    prog_id: int
-    tag: bytes
-    name: str
-    map_ids: tuple[int, ...]
-
-
-def prog_info(prog_fd: int) -> ProgInfo:
-    ids = (ctypes.c_uint32 * 16)()
-    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
-    struct.pack_into("=IQ", info, 52, 16, ctypes.addressof(ids))  # nr_map_ids, map_ids
-    bpf(BPF_OBJ_GET_INFO_BY_FD, attr((0, "=I", prog_fd), (4, "=I", _PROG_INFO_SIZE),
-                                     (8, "=Q", addr_of(info))))
-    pid = struct.unpack_from("=I", info, 4)[0]
-    nmaps = struct.unpack_from("=I", info, 52)[0]
-    name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
-    return ProgInfo(int(pid), info.raw[8:16], name, tuple(int(ids[i]) for i in
-                                                          range(min(nmaps, 16))))
-
-
-def prog_info_by_id(prog_id: int) -> ProgInfo:
-    fd = bpf(BPF_PROG_GET_FD_BY_ID, attr((0, "=I", prog_id)))
-    try:
-        return prog_info(fd)
-    finally:
-        os.close(fd)
+    return prog_query(map_fd, SK_SKB_STREAM_VERDICT, 8)
 
 
 def pin_problem(splice_fd: int, peer_fd: int, max_entries: int | None = None) -> str | None:

@@ -19,11 +19,10 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 from typing import Any
 
-from ambient.bpfmap import addr_of, attr, bpf, obj_get
+from ambient.bpfmap import obj_get, obj_pin, prog_info, prog_info_by_id
 from ambient.splicemap import (
     PEER_MAP,
     SK_SKB_STREAM_VERDICT,
@@ -31,15 +30,12 @@ from ambient.splicemap import (
     VERDICT_PROG,
     attached_verdicts,
     pin_problem,
-    prog_info,
-    prog_info_by_id,
 )
 from bpf import kernel_src, loader
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splice.c")
 DEFAULT_MAX_ENTRIES = 65536  # sockets: two per spliced connection
 PROG_SK_SKB = 14
-BPF_OBJ_PIN = 6
 PINS = (PEER_MAP, SPLICE_MAP)
 
 
@@ -55,11 +51,6 @@ def render_source(max_entries: int) -> str:
         raise ValueError(f"kernel splice max entries {max_entries} must be in 2..16777216")
     with open(SOURCE) as f:
         return f.read().replace("AMB_SPLICE_MAX_ENTRIES", str(int(max_entries)))
-
-
-def obj_pin(fd: int, path: str) -> None:
-    p = ctypes.create_string_buffer(os.fsencode(path))
-    bpf(BPF_OBJ_PIN, attr((0, "=Q", addr_of(p)), (8, "=I", fd)))
 
 
 def _pinned_tag(pin_dir: str, max_entries: int) -> bytes | None:

@@ -365,23 +365,18 @@ class LocalMesh:
     def delete_object(self, kind: str, namespace: str, name: str, *,
                       missing_ok: bool = False) -> None:
         """Remove one object from the cluster's manifests (``kubectl delete``)."""
-        keep = [o for o in self.objects if not (
-            o.get("kind") == kind and (o.get("metadata") or {}).get("name") == name and (
-                kind == "Namespace"
-                or (o.get("metadata") or {}).get("namespace", "default") == namespace))]
-        if len(keep) == len(self.objects) and not missing_ok:
-            raise MeshError(f"no {kind} {namespace}/{name} in the manifests")
+        keep = [o for o in self.objects if not _is_object(o, kind, namespace, name)]
         if len(keep) != len(self.objects):
             self.objects = keep
             self.write_manifests()
+        elif not missing_ok:
+            raise MeshError(f"no {kind} {namespace}/{name} in the manifests")
 
     def update_object(self, kind: str, namespace: str, name: str,
                       change: Callable[[dict[str, Any]], None]) -> None:
         """Edit one object of the cluster's manifests in place (``kubectl edit``)."""
         for o in self.objects:
-            meta = o.get("metadata") or {}
-            if o.get("kind") == kind and meta.get("name") == name and (
-                    kind == "Namespace" or meta.get("namespace", "default") == namespace):
+            if _is_object(o, kind, namespace, name):
                 change(o)
                 self.write_manifests()
                 return
@@ -391,19 +386,15 @@ class LocalMesh:
                    labels: dict[str, str | None]) -> None:
         """Change labels of an object in the cluster's manifests (``None`` removes one), as
         ``kubectl label`` would; agents and ztunnels pick the change up."""
-        for o in self.objects:
-            meta = o.get("metadata") or {}
-            if o.get("kind") == kind and meta.get("name") == name and (
-                    kind == "Namespace" or meta.get("namespace", "default") == namespace):
-                cur = meta.setdefault("labels", {})
-                for k, v in labels.items():
-                    if v is None:
-                        cur.pop(k, None)
-                    else:
-                        cur[k] = v
-                self.write_manifests()
-                return
-        raise MeshError(f"no {kind} {namespace}/{name} in the manifests")
+        def change(o: dict[str, Any]) -> None:
+            cur = (o.get("metadata") or {}).setdefault("labels", {})
+            for k, v in labels.items():
+                if v is None:
+                    cur.pop(k, None)
+                else:
+                    cur[k] = v
+
+        self.update_object(kind, namespace, name, change)
 
     def write_manifests(self) -> None:
         """The cluster state (objects + pod status) every component reads, written atomically."""
@@ -529,6 +520,13 @@ WAYPOINT_CLASS = "istio-waypoint"
 WAYPOINT_READY_PORT = 15021
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 WAYPOINT_NODE_ANNOTATION = "ambient.io/node"  # (ours) where the local mesh runs a waypoint
+
+
+def _is_object(o: dict[str, Any], kind: str, namespace: str, name: str) -> bool:
+    """``o`` is the object ``kind`` ``namespace``/``name`` (namespaces have no namespace)."""
+    meta = o.get("metadata") or {}
+    return o.get("kind") == kind and meta.get("name") == name and (
+        kind == "Namespace" or meta.get("namespace", "default") == namespace)
 
 
 def waypoint_gateways(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:

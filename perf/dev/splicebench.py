@@ -184,19 +184,27 @@ def run(seconds: float, rounds: int) -> dict[str, list[dict[str, float]]]:
     return results
 
 
+def _start_relay(mode: str, cns: str, sns: str, cip: str, sip: str, port: int,
+                 pin: str) -> subprocess.Popen[bytes]:
+    """A relay subprocess listening on ``cip``:RELAY_PORT towards ``sip``:``port``, ready."""
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "perf.dev.splicebench", "relay", mode, cns, sns, cip, sip,
+         str(port), pin], cwd=REPO, stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert relay.stdout is not None
+    if relay.stdout.readline().strip() != b"ready":
+        _stop(relay)
+        raise RuntimeError("relay did not start")
+    return relay
+
+
 def _one(mode: str, cns: str, sns: str, cip: str, sip: str, pin: str,
          seconds: float) -> dict[str, float]:
     relay = None
     host, iport, hport = sip, 5201, 8080
     try:
         if mode != "direct":
-            relay = subprocess.Popen(
-                [sys.executable, "-m", "perf.dev.splicebench", "relay", mode, cns, sns, cip,
-                 sip, "5201", pin], cwd=REPO, stdout=subprocess.PIPE,
-                env={**os.environ, "PYTHONPATH": str(REPO)})
-            assert relay.stdout is not None
-            if relay.stdout.readline().strip() != b"ready":
-                raise RuntimeError("relay did not start")
+            relay = _start_relay(mode, cns, sns, cip, sip, iport, pin)
             host, iport = cip, RELAY_PORT
         cpu0, busy0 = cpu_seconds([relay.pid]) if relay else 0.0, _machine_busy_s()
         gbps, nbytes = _iperf(cns, host, iport, seconds)
@@ -206,13 +214,7 @@ def _one(mode: str, cns: str, sns: str, cip: str, sip: str, pin: str,
                "machine_cpu_s_per_gb": round((busy1 - busy0) / gb, 3)}
         if relay is not None:  # the HTTP leg goes through a relay to nginx
             _stop(relay)
-            relay = subprocess.Popen(
-                [sys.executable, "-m", "perf.dev.splicebench", "relay", mode, cns, sns, cip,
-                 sip, str(hport), pin], cwd=REPO, stdout=subprocess.PIPE,
-                env={**os.environ, "PYTHONPATH": str(REPO)})
-            assert relay.stdout is not None
-            if relay.stdout.readline().strip() != b"ready":
-                raise RuntimeError("relay did not start")
+            relay = _start_relay(mode, cns, sns, cip, sip, hport, pin)
             hport = RELAY_PORT
         row["wrk_rps"] = round(_wrk(cns, f"http://{host}:{hport}/", seconds))
         return row
