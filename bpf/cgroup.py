@@ -14,26 +14,21 @@ Invariants:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import struct
 from dataclasses import dataclass
 
 from ambient.bpfmap import (
-    BPF_OBJ_GET_INFO_BY_FD,
     BPF_PROG_DETACH,
     BPF_PROG_GET_FD_BY_ID,
-    BPF_PROG_QUERY,
-    addr_of,
     attr,
     bpf,
+    prog_query,
 )
+from ambient.bpfmap import prog_info as bpfmap_prog_info
 
 BPF_PROG_ATTACH = 8
 BPF_F_ALLOW_MULTI = 2
-_PROG_INFO_SIZE = 80  # through bpf_prog_info.name
-_NAME_OFFSET = 64
 _MAX_QUERY = 256
 
 
@@ -64,12 +59,7 @@ def detach(cgroup_fd: int, prog_fd: int, attach_type: int) -> None:
 
 def query(cgroup_fd: int, attach_type: int) -> list[int]:
     """IDs of the programs attached directly to this cgroup for ``attach_type``."""
-    ids = (ctypes.c_uint32 * _MAX_QUERY)()
-    a = attr((0, "=I", cgroup_fd), (4, "=I", attach_type), (16, "=Q", ctypes.addressof(ids)),
-             (24, "=I", _MAX_QUERY))
-    bpf(BPF_PROG_QUERY, a)
-    count = struct.unpack_from("=I", a, 24)[0]
-    return [int(ids[i]) for i in range(min(count, _MAX_QUERY))]
+    return prog_query(cgroup_fd, attach_type, _MAX_QUERY)
 
 
 def prog_fd_by_id(prog_id: int) -> int:
@@ -78,12 +68,8 @@ def prog_fd_by_id(prog_id: int) -> int:
 
 def prog_info(prog_fd: int) -> tuple[int, str]:
     """(id, name) of a loaded program."""
-    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
-    bpf(BPF_OBJ_GET_INFO_BY_FD, attr((0, "=I", prog_fd), (4, "=I", _PROG_INFO_SIZE),
-                                     (8, "=Q", addr_of(info))))
-    prog_id = struct.unpack_from("=I", info, 4)[0]
-    name = info.raw[_NAME_OFFSET:_NAME_OFFSET + 16].split(b"\0", 1)[0].decode(errors="replace")
-    return int(prog_id), name
+    info = bpfmap_prog_info(prog_fd)
+    return info.prog_id, info.name
 
 
 def attached(cgroup_fd: int, attach_types: list[int], names: frozenset[str]) -> list[Attached]:

@@ -22,11 +22,10 @@ import importlib.util
 import os
 import re
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Any
 
-from ambient.bpfmap import BPF_OBJ_GET_INFO_BY_FD, addr_of, attr, bpf, netns_cookie, obj_get
+from ambient.bpfmap import map_info, netns_cookie, obj_get
 from ambient.netns import socket_in_netns
 from bpf import kernel_src
 
@@ -74,7 +73,6 @@ MAP_LAYOUT = {
     "amb_origdst": (9, 16, 8),
 }
 MAPS = tuple(MAP_LAYOUT)
-_MAP_INFO_SIZE = 40
 _PIN_DIR_RE = re.compile(r"^/[A-Za-z0-9_./-]+$")
 
 
@@ -145,10 +143,7 @@ def netns_cookie_of(netns: str | int) -> int:
 
 def map_layout(fd: int) -> tuple[int, int, int]:
     """(type, key size, value size) of the map behind ``fd``."""
-    info = ctypes.create_string_buffer(_MAP_INFO_SIZE)
-    bpf(BPF_OBJ_GET_INFO_BY_FD, attr((0, "=I", fd), (4, "=I", _MAP_INFO_SIZE),
-                                     (8, "=Q", addr_of(info))))
-    mtype, _, key, value = struct.unpack_from("=IIII", info)
+    mtype, _, key, value, _ = map_info(fd)
     return mtype, key, value
 
 
