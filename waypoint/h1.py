@@ -130,15 +130,12 @@ async def _read_within(stream: ByteStream, timeout: float) -> bytes:
 async def _pump_body(conn: _Conn, dec: BodyDecoder, body: Body, timeout: float | None) -> None:
     """Feed ``body`` from ``conn`` until ``dec`` says the message ended (errors fail it)."""
     try:
+        _feed_buffered(conn, dec, body)
         while not dec.done:
-            for data in dec.feed(conn.buf):
-                body.feed(data)
-            if dec.done:
-                break
             await body.wait_room()
             if not await conn.fill(timeout):
                 dec.eof()
-        body.end(dec.trailers)
+            _feed_buffered(conn, dec, body)
     except (WireError, TimeoutError, OSError, ConnectionError) as e:
         body.fail(e if not isinstance(e, WireError) else H1Error(f"body: {e}"))
         raise H1Error(str(e) or type(e).__name__) from None
@@ -324,7 +321,6 @@ class H1Client:
         self.max_head = max_head
         self.conn = _Conn(stream)
         self.broken = False
-        self.requests = 0  # requests started on this connection
         self.idle_since = 0.0  # loop time it was last put back into a pool
         self._keep = False  # the last response allows another request
         self._sent_all = False  # the last request went out whole
@@ -341,9 +337,7 @@ class H1Client:
         conn = getattr(s, "connection", None)
         if conn is not None and not getattr(conn, "is_usable", True):
             return True
-        # HboneStream keeps no public "peer finished" flag; read it where it is kept.
-        return bool(getattr(s, "_eof", False) or getattr(s, "_error", None) is not None
-                    or getattr(s, "_chunks", None))
+        return bool(getattr(s, "read_ready", False))  # HboneStream: the upstream spoke
 
     def reset(self) -> bool:
         """Ready the connection for the next request; False if it cannot be reused (the
@@ -376,7 +370,6 @@ class H1Client:
         """Send ``req`` (a body still arriving streams in the background) and return the
         response head; the response body streams into the returned ``HttpResponse.body``.
         Raises ``H1Error`` (``before_response`` when no response byte had arrived)."""
-        self.requests += 1
         try:
             out, body_task = self._encode_request(req)
         except WireError as e:
@@ -399,10 +392,7 @@ class H1Client:
             self.close()
             raise H1Error(f"upstream HTTP/1.1 error: {e}",
                           before_response=not self.conn.buf and not self.conn.eof) from e
-        except H1Error:
-            self.close()
-            raise
-        except BaseException:
+        except BaseException:  # H1Error, a timeout, cancellation
             self.close()
             raise
         self._keep = head.keep_alive

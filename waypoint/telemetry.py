@@ -286,19 +286,17 @@ class RequestRecord:
     def response_flags(self) -> str:
         return ",".join(self.flags) if self.flags else "-"
 
+    def key(self, status: int, grpc_status: str | None) -> tuple[str, ...]:
+        """The request's series, values in ``HTTP_LABELS`` order."""
+        return peer_key(self.src_workload, self.src_principal, self.dst_workload,
+                        self.service) + (
+            "grpc" if self.grpc else "http", str(status),
+            grpc_status if grpc_status is not None else "", self.response_flags, "mutual_tls")
+
     def labels(self, status: int, grpc_status: str | None) -> dict[str, str]:
         """Every value is non-empty (``peer_labels`` fills ``unknown``) except
         ``grpc_response_status``, which is empty for plain HTTP."""
-        out = peer_labels(self.src_workload, self.src_principal, self.dst_workload,
-                          self.service)
-        out.update({
-            "request_protocol": "grpc" if self.grpc else "http",
-            "response_code": str(status),
-            "grpc_response_status": grpc_status if grpc_status is not None else "",
-            "response_flags": self.response_flags,
-            "connection_security_policy": "mutual_tls",
-        })
-        return out
+        return dict(zip(HTTP_LABELS, self.key(status, grpc_status), strict=True))
 
     def finish(self, status: int, *, request_bytes: int, response_bytes: int,
                grpc_status: str | None = None, error: BaseException | str | None = None) -> bool:
@@ -306,12 +304,8 @@ class RequestRecord:
             return False
         self.finished = True
         duration_ms = (time.monotonic() - self.start) * 1000.0
-        flags = self.response_flags
-        # HTTP_LABELS order: the peer labels, then these (as ``labels`` builds them)
-        key = peer_key(self.src_workload, self.src_principal, self.dst_workload,
-                       self.service) + (
-            "grpc" if self.grpc else "http", str(status),
-            grpc_status if grpc_status is not None else "", flags, "mutual_tls")
+        key = self.key(status, grpc_status)
+        flags = key[-2]  # response_flags
         m = self.metrics
         if m is not None:
             m.requests.labels(*key).inc()
@@ -368,11 +362,9 @@ class TcpRecord:
     log: logging.Logger | None = None
 
     def _key(self, flags: str) -> tuple[str, ...]:
-        labels = peer_labels(self.src_workload, self.src_principal, self.dst_workload,
-                             self.service)
-        labels.update({"request_protocol": "tcp", "response_flags": flags,
-                       "connection_security_policy": "mutual_tls"})
-        return tuple(labels[n] for n in TCP_LABELS)
+        """The connection's series, values in ``TCP_LABELS`` order."""
+        return peer_key(self.src_workload, self.src_principal, self.dst_workload,
+                        self.service) + ("tcp", flags, "mutual_tls")
 
     def open(self) -> None:
         if self.opened:

@@ -160,6 +160,7 @@ class Upstreams:
     async def _send_h1(self, ep: Endpoint, st: _Endpoint, req: HttpRequest, lease: Lease
                        ) -> HttpResponse:
         client = self._checkout(st)
+        reused = client is not None
         replay: tuple[bytes, Headers] | None = None
         if client is None:
             client = await self._open_h1(ep)
@@ -168,7 +169,6 @@ class Upstreams:
             whole = req.body.take_ended() or b""
             replay = (whole, req.body.trailers)
             req = _with_body(req, Body.of(whole, replay[1]))
-        reused = client.requests > 0
         lease._release = self._h1_release(st, client)
         try:
             return await client.request(req)

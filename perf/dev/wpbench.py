@@ -156,18 +156,14 @@ class WpBench:
         try:
             value = fn()
         finally:
-            if tracer is not None:
+            for helper in (tracer, spy):
+                if helper is None:
+                    continue
                 try:
-                    tracer.wait(timeout=self.seconds + 30)
+                    helper.wait(timeout=self.seconds + 30)
                 except subprocess.TimeoutExpired:
-                    tracer.kill()
-                    tracer.wait()
-            if spy is not None:
-                try:
-                    spy.wait(timeout=self.seconds + 30)
-                except subprocess.TimeoutExpired:
-                    spy.kill()
-                    spy.wait()
+                    helper.kill()
+                    helper.wait()
         cpu = {k: procstat.cpu_seconds([p]) - before[k] for k, p in pids.items()}
         if "wp" in pids:
             us1 = _user_sys(pids["wp"])
