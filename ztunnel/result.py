@@ -142,6 +142,7 @@ class ServiceLike(Protocol):
 
 
 _ids = itertools.count(1)
+_FLAGS_AT = TRAFFIC_LABELS.index("response_flags")  # its slot in a metric key
 
 
 @dataclass(eq=False, slots=True)
@@ -288,9 +289,8 @@ class ConnectionResult:
         if self._recv_cell is not None and self.bytes_recv > self._metric_recv:
             self._recv_cell.inc(self.bytes_recv - self._metric_recv)
         self._metric_sent, self._metric_recv = self.bytes_sent, self.bytes_recv
-        labels = self.labels()
-        labels["response_flags"] = self.response_flags
-        key = tuple(labels[n] for n in TRAFFIC_LABELS)
+        values = self._label_values()
+        key = (*values[:_FLAGS_AT], self.response_flags, *values[_FLAGS_AT + 1:])
         m.connections_closed.labels(*key).inc()
         if self.response_flags in FAILURE_FLAGS:
             m.connections_failed.labels(*key).inc()

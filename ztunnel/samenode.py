@@ -83,8 +83,9 @@ class LocalSplicer:
     def _kernel_splice(self) -> KernelSplice | None:
         if not self._kernel_enabled:
             return None
-        if self._kernel is None and time.monotonic() >= self._next_try:
-            self._next_try = time.monotonic() + REOPEN_INTERVAL_S
+        now = time.monotonic()
+        if self._kernel is None and now >= self._next_try:
+            self._next_try = now + REOPEN_INTERVAL_S
             try:
                 from ambient.splicemap import KernelSplice
             except ImportError:  # pragma: no cover - the module ships with ztunnel

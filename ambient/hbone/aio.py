@@ -141,6 +141,11 @@ class HboneStream:
     def connection(self) -> HboneConnection:
         return self._conn
 
+    @property
+    def read_ready(self) -> bool:
+        """``read`` would return at once: bytes queued, the peer half-closed, or an error."""
+        return bool(self._chunks) or self._eof or self._error is not None
+
     async def read(self) -> bytes:
         """Everything received so far (waits for some); ``b""`` once the peer half-closed.
 

@@ -83,7 +83,7 @@ def take_over(
     ``protocol``; returns it, the bytes received before and whether EOF was seen."""
     if isinstance(src, Accepted):
         transport = src.transport
-        pending, eof = bytes(src.pending), src.eof
+        pending, eof, lost = bytes(src.pending), src.eof, src.lost
         src.pending.clear()
     else:
         reader, writer = src
@@ -92,9 +92,10 @@ def take_over(
         pending = bytes(buf)
         buf.clear()
         eof = reader.at_eof() or bool(getattr(reader, "_eof", False))
+        lost = None
     transport.set_protocol(protocol)
-    if isinstance(src, Accepted) and src.lost is not None:
-        protocol.connection_lost(cast(Exception, src.lost))  # the new owner must know
+    if lost is not None:
+        protocol.connection_lost(cast(Exception, lost))  # the new owner must know
     transport.set_write_buffer_limits(high=HIGH_WATER)
     if not eof and not transport.is_closing() and not transport.is_reading():
         transport.resume_reading()  # paused by Accepted, or by a full StreamReader
