@@ -9,10 +9,11 @@ a workload IP:port. The port's protocol decides what runs inside the tunnel:
 * HTTP: the first bytes are sniffed (the h2c prior-knowledge preface ``PRI * HTTP/2.0``
   means HTTP/2, anything else HTTP/1.1) and every request goes through ``Exchange``.
 
-Answers to the CONNECT follow ztunnel: 503 when the destination is unknown or the waypoint is
-draining (a malformed authority is refused with 400 by the HBONE layer). The peer's SPIFFE
-identity (the source workload, through its ztunnel) and the original client address
-(``forwarded: for=``, else the peer address) describe the source of every request.
+Answers to the CONNECT follow ztunnel: 503 when the destination is unknown (a malformed
+authority is refused with 400 by the HBONE layer); while draining, a CONNECT on a live
+connection is refused unprocessed (REFUSED_STREAM), so the client retries it elsewhere. The
+peer's SPIFFE identity (the source workload, through its ztunnel) and the original client
+address (``forwarded: for=``, else the peer address) describe the source of every request.
 
 Invariants: one task per tunnel, tracked for drain; ``drain(deadline)`` stops accepting at once
 and aborts what is still open at the deadline; nothing a peer sends can raise out of a tunnel
@@ -202,7 +203,7 @@ class WaypointProxy:
         ip = str(req.host)
         svc, wl = resolve_target(snap.mesh, self.network, ip, req.port)
         if self.draining:
-            incoming.reject(503)
+            incoming.refuse()
             return
         if svc is None and wl is None:
             log.info("CONNECT %s from %s: no service or workload has this address; 503",

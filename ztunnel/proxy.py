@@ -216,7 +216,7 @@ class Ztunnel:
 
     async def drain(self, deadline: float) -> None:
         """Graceful shutdown: listeners close now, live connections get ``deadline`` s."""
-        self.draining = True  # from now on, new CONNECTs on live HBONE connections get 503
+        self.draining = True  # from now on, new CONNECTs on live HBONE connections are refused
         for pod in self.pods.values():
             self._close_listeners(pod)
         loop = asyncio.get_running_loop()
@@ -665,8 +665,9 @@ class Ztunnel:
     ) -> int | None:
         """The destination's checks on a tunnelled connection (HBONE, or the same-node
         shortcut): None to accept, else the HTTP status to refuse with (``result`` closed)."""
-        if wl is None or self.draining or self.pods.get(pod.uid) is not pod:
-            reason = "destination workload unknown" if wl is None else "ztunnel is draining"
+        if wl is None or self.pods.get(pod.uid) is not pod:
+            reason = ("destination workload unknown" if wl is None
+                      else "destination pod is no longer served by this ztunnel")
             result.close(0, 0, error=reason, response_flags=ResponseFlags.CONNECT)
             return 503
         if ipaddress.ip_address(dst[0]) not in wl.addresses:
@@ -692,6 +693,13 @@ class Ztunnel:
     async def _inbound_hbone_stream(
         self, pod: PodProxy, request: ConnectRequest, peer_id: SpiffeId, incoming: Incoming
     ) -> None:
+        if self.draining:
+            # Unprocessed, so the source retries it on a new connection, which reaches the
+            # ztunnel now serving the pod (rolling restart) or finds no listener.
+            log.debug("CONNECT %s from %s refused: ztunnel is draining", request.authority,
+                      peer_id)
+            incoming.refuse()
+            return
         state = self.store.snapshot
         wl = pod.workload(state)
         peer = incoming.peer_address or ("0.0.0.0", 0)

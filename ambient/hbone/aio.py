@@ -19,6 +19,10 @@ Invariants:
   moved no byte either way (for example, stuck behind a peer's zero window) for between one
   and two ``idle_timeout`` is reset, and a connection without streams for as long gets
   GOAWAY. Keepalive PINGs close a peer that stops answering.
+* A CONNECT the server did not process (RST_STREAM REFUSED_STREAM, as a draining server
+  answers with ``Incoming.refuse``, or a stream above a GOAWAY's last stream id) fails with
+  ``HboneConnectError`` reason ``unprocessed``, and its client connection stops taking new
+  streams (``refusing``): the caller may safely retry it on another connection.
 """
 
 from __future__ import annotations
@@ -87,7 +91,8 @@ class StreamResetError(HboneError, ConnectionResetError):
 
 class HboneConnectError(HboneError):
     """Opening an HBONE tunnel failed. ``status`` is the HTTP status when the peer answered,
-    else ``reason`` is a short token (timeout, refused, tls, identity, closed, protocol)."""
+    else ``reason`` is a short token (timeout, refused, tls, identity, closed, reset,
+    unprocessed: the server did not process the CONNECT, so it is safe to retry elsewhere)."""
 
     def __init__(self, status_or_reason: int | str, message: str) -> None:
         super().__init__(message)
@@ -369,6 +374,14 @@ class Incoming:
         self._respond(200, headers)
         return self._stream
 
+    def refuse(self) -> None:
+        """Leave the CONNECT unprocessed (RST_STREAM REFUSED_STREAM, RFC 9113 §8.7): the
+        client may retry it on another connection. What a draining server answers."""
+        if self.responded:
+            raise RuntimeError("this CONNECT was already answered")
+        self.responded = True
+        self._stream.abort(ErrorCode.REFUSED_STREAM)
+
     def reject(self, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
         """Answer with a non-200 status (400 bad request, 401 denied, 503 upstream failed)."""
         if status == 200:
@@ -423,6 +436,9 @@ class HboneConnection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.on_idle: Callable[[HboneConnection], None] | None = None
+        # Client side: the server refused a stream unprocessed (it is draining); open no
+        # new stream here, let the live ones finish.
+        self.refusing = False
         # Bounds on a slow or silent peer (server side; see the module docstring).
         self._handshake_deadline = handshake_deadline
         self._idle_timeout = idle_timeout or None
@@ -437,7 +453,8 @@ class HboneConnection(asyncio.Protocol):
 
     @property
     def is_usable(self) -> bool:
-        return self.ready.done() and not self.closed.done() and not self.proto.closed
+        return (self.ready.done() and not self.closed.done() and not self.proto.closed
+                and not self.refusing)
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -564,6 +581,8 @@ class HboneConnection(asyncio.Protocol):
                     s._feed_eof()
             elif isinstance(ev, StreamReset):
                 s = streams.get(ev.stream_id)
+                if ev.error_code == ErrorCode.REFUSED_STREAM and self.proto.client_side:
+                    self.refusing = True
                 if s is not None:
                     s._fail(StreamResetError(
                         f"stream {ev.stream_id} reset by peer (code {ev.error_code})",
@@ -580,10 +599,19 @@ class HboneConnection(asyncio.Protocol):
             elif isinstance(ev, RequestRejected):
                 log.info("HBONE request from %s (%s) rejected: %s",
                          self.peer_address, self.peer_identity, ev.reason)
-            elif isinstance(ev, ConnectionTerminated | ConnectionLost):
-                reason = (f"GOAWAY code {ev.error_code} {ev.reason}"
-                          if isinstance(ev, ConnectionTerminated) else ev.reason)
-                self._shutdown(StreamResetError(f"HBONE connection closed: {reason}"))
+            elif isinstance(ev, ConnectionTerminated):
+                if self.proto.client_side:  # CONNECTs above last_stream_id: not processed
+                    for sid, s in list(streams.items()):
+                        if sid <= ev.last_stream_id or s._response is None \
+                                or s._response.done():
+                            continue
+                        s._fail(StreamResetError(
+                            f"stream {sid} not processed by the peer (GOAWAY, last stream "
+                            f"{ev.last_stream_id})", ErrorCode.REFUSED_STREAM))
+                self._shutdown(StreamResetError(
+                    f"HBONE connection closed: GOAWAY code {ev.error_code} {ev.reason}"))
+            elif isinstance(ev, ConnectionLost):
+                self._shutdown(StreamResetError(f"HBONE connection closed: {ev.reason}"))
 
     def _on_request(self, req: ConnectRequest) -> None:
         stream = HboneStream(self, req.stream_id, req)
@@ -718,6 +746,10 @@ async def wait_response(stream: HboneStream, authority: str) -> ConnectResponse:
     try:
         resp = await stream._response
     except StreamResetError as e:
+        if e.error_code == ErrorCode.REFUSED_STREAM:
+            raise HboneConnectError(
+                "unprocessed", f"CONNECT {authority} was refused unprocessed (the peer is "
+                f"draining or going away): {e}") from None
         raise HboneConnectError(
             "reset", f"CONNECT {authority} failed before a response: {e}"
         ) from None

@@ -13,6 +13,9 @@ Invariants:
 * Concurrent requests for a key with no spare capacity share one dial.
 * After the handshake the server identity is checked against ``key.dst_identities``.
 * Connections idle (no active stream) for ``idle_timeout`` are closed; dead ones are evicted.
+* A CONNECT the server left unprocessed (REFUSED_STREAM or above a GOAWAY's last stream: a
+  draining ztunnel or waypoint) is retried on another connection, up to ``_ATTEMPTS`` times;
+  the refusing connection takes no new stream and is closed once its live streams end.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_STREAMS = 100  # POOL_MAX_STREAMS_PER_CONNECTION
 DEFAULT_IDLE_TIMEOUT = 300.0  # POOL_UNUSED_RELEASE_TIMEOUT
 DEFAULT_CONNECT_TIMEOUT = 10.0  # ztunnel's CONNECTION_TIMEOUT
+_ATTEMPTS = 3  # a CONNECT left unprocessed is safe to send again, on another connection
 
 Dial = Callable[[tuple[IPAddress, int]], Awaitable[socket.socket]]
 SslContextFor = Callable[[SpiffeId], Awaitable[ssl.SSLContext]]
@@ -91,20 +95,26 @@ class HbonePool:
     ) -> HboneStream:
         """Open a CONNECT stream to ``authority`` through a pooled connection for ``key``."""
         headers = list(headers)
-        conn = await self._checkout(key)
-        try:
-            stream = conn.open_stream_nowait(authority, headers)
-        except HboneError as e:
-            raise HboneConnectError("closed", f"{self._where(key)}: connection closed: {e}") \
-                from None
-        try:
-            await _wait_response(stream, authority)
-        except HboneConnectError as e:
-            if e.status is None:
-                e.message = f"{self._where(key)}: {e.message}"
-                e.args = (e.message,)
-            raise
-        return stream
+        attempts = 0
+        while True:
+            attempts += 1
+            conn = await self._checkout(key)
+            try:
+                stream = conn.open_stream_nowait(authority, headers)
+            except HboneError as e:
+                raise HboneConnectError(
+                    "closed", f"{self._where(key)}: connection closed: {e}") from None
+            try:
+                await _wait_response(stream, authority)
+            except HboneConnectError as e:
+                if e.reason == "unprocessed" and attempts < _ATTEMPTS:
+                    log.debug("HBONE pool: %s; retrying on another connection", e)
+                    continue
+                if e.status is None:
+                    e.message = f"{self._where(key)}: {e.message}"
+                    e.args = (e.message,)
+                raise
+            return stream
 
     def connections(self, key: PoolKey) -> list[HboneConnection]:
         """Live connections for ``key`` (for metrics and tests)."""
@@ -158,14 +168,15 @@ class HbonePool:
         conns = self._conns.get(key)
         if not conns:
             return None
-        alive = [c for c in conns if c.is_usable]
+        # Dead ones are evicted; refusing ones stay listed (pool.close ends them) unpicked.
+        alive = [c for c in conns if c.is_usable or (c.refusing and not c.closed.done())]
         if len(alive) != len(conns):
             self._conns[key] = alive
             for dead in set(conns) - set(alive):
                 self._drop_timer(dead)
         for c in alive:
             limit = min(self.max_streams, c.proto.peer_max_concurrent_streams)
-            if c.active_streams < limit:
+            if c.active_streams < limit and not c.refusing:
                 return c
         return None
 
@@ -212,6 +223,9 @@ class HbonePool:
 
     def _on_idle(self, conn: HboneConnection) -> None:
         self._drop_timer(conn)
+        if conn.refusing:  # the server is going away: nothing more to carry here
+            conn.close()
+            return
         loop = asyncio.get_running_loop()
         self._idle_timers[conn] = loop.call_later(self.idle_timeout, self._idle_check, conn)
 

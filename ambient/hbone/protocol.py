@@ -554,13 +554,16 @@ class _HboneConnection:
         """True once GOAWAY went either way or keepalive failed; open no new streams."""
         return self._closed
 
-    def close(self, error_code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
-        """Send GOAWAY. h2 cannot drain after GOAWAY: streams still open are cut off."""
+    def close(self, error_code: int = ErrorCode.NO_ERROR, reason: str = "",
+              last_stream_id: int | None = None) -> None:
+        """Send GOAWAY. h2 cannot drain after GOAWAY: streams still open are cut off.
+        ``last_stream_id`` (default: the last the peer opened) tells the peer that streams
+        above it were not processed."""
         if self._closed:
             return
         self._closed = True
         try:
-            self._h2.close_connection(error_code, reason.encode() or None)
+            self._h2.close_connection(error_code, reason.encode() or None, last_stream_id)
         except h2.exceptions.ProtocolError:
             pass
 

@@ -24,7 +24,7 @@ from test_hbone_helpers import (
     transfer,
 )
 
-from ambient.hbone.aio import HboneConnectError, serve_hbone, start_hbone_server
+from ambient.hbone.aio import HboneConnectError, Incoming, serve_hbone, start_hbone_server
 from ambient.hbone.pool import HbonePool, PoolKey
 from ambient.hbone.protocol import build_request_headers
 
@@ -254,5 +254,111 @@ def test_serve_hbone_on_an_accepted_socket() -> None:
             server_task.cancel()
             lsock.close()
             echo.close()
+
+    run(main())
+
+
+def _refusing_handler(seen: Seen, refuse: int, *, goaway: bool = False):
+    """Leaves the first ``refuse`` CONNECTs unprocessed (REFUSED_STREAM, or a GOAWAY whose
+    last stream id is below them), as a draining server does; relays the rest."""
+    relay_ok = relay_handler(seen)
+
+    async def handler(req, peer, incoming: Incoming) -> None:
+        if len(seen.requests) < refuse:
+            seen.requests.append(req)
+            if goaway:  # the GOAWAY goes out first; the reset after it is not sent
+                incoming.connection.proto.close(last_stream_id=req.stream_id - 1)
+            incoming.refuse()
+            if goaway:
+                incoming.connection.close()
+            return
+        await relay_ok(req, peer, incoming)
+
+    return handler
+
+
+async def _refusing_setup(refuse: int, *, goaway: bool = False):
+    seen = Seen()
+    echo, echo_port = await start_echo()
+    srv = await start_hbone_server(_refusing_handler(seen, refuse, goaway=goaway), server_ctx(),
+                                   trust_domain=TD, host="127.0.0.1")
+    dials: list[socket.socket] = []
+
+    async def counting_dial(dst):
+        dials.append(await dial(dst))
+        return dials[-1]
+
+    async def ctx_for(_ident):
+        return client_ctx(CLIENT_ID)
+
+    pool = HbonePool(counting_dial, ctx_for, trust_domain=TD)
+    key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}),
+                  None, (LOOP, srv.sockets[0].getsockname()[1]))
+    return seen, echo, echo_port, srv, pool, key, dials
+
+
+@pytest.mark.parametrize("goaway", [False, True], ids=["refused-stream", "goaway"])
+@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_unprocessed_connect_is_retried_on_a_new_connection(goaway: bool, use_uvloop: bool) -> None:
+    """A draining server leaves new CONNECTs on a live connection unprocessed; the pool sends
+    the CONNECT again on a new connection and never picks the refusing one again."""
+    async def main() -> None:
+        seen, echo, echo_port, srv, pool, key, dials = await _refusing_setup(1, goaway=goaway)
+        try:
+            first = await pool.connect(key, f"127.0.0.1:{echo_port}")  # refused, retried
+            assert await transfer(first, b"through the retry") == b"through the retry"
+            assert len(dials) == 2 and len(seen.requests) == 2
+            refusing = [c for c in pool._conns[key] if c is not first.connection]
+            # The refusing connection is closed once idle (it had no other stream).
+            for c in refusing:
+                await asyncio.wait_for(asyncio.shield(c.closed), 5)
+            assert pool.connections(key) == [first.connection]
+            second = await pool.connect(key, f"127.0.0.1:{echo_port}")
+            assert second.connection is first.connection and len(dials) == 2
+            assert await transfer(second, b"again") == b"again"
+        finally:
+            await _teardown(echo, srv, pool)
+
+    run(main(), use_uvloop=use_uvloop)
+
+
+def test_refusing_connection_keeps_its_live_streams() -> None:
+    """A refused CONNECT stops new streams on that connection, not the ones already open."""
+    async def main() -> None:
+        seen = Seen()
+        echo, echo_port = await start_echo()
+        relay_ok = relay_handler(seen)
+        refuse_now = False
+
+        async def handler(req, peer, incoming: Incoming) -> None:
+            if refuse_now:
+                incoming.refuse()
+                return
+            await relay_ok(req, peer, incoming)
+
+        srv = await start_hbone_server(handler, server_ctx(), trust_domain=TD, host="127.0.0.1")
+
+        async def ctx_for(_ident):
+            return client_ctx(CLIENT_ID)
+
+        pool = HbonePool(dial, ctx_for, trust_domain=TD)
+        key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}),
+                      None, (LOOP, srv.sockets[0].getsockname()[1]))
+        try:
+            live = await pool.connect(key, f"127.0.0.1:{echo_port}")
+            await live.write(b"before\n")
+            assert await live.read() == b"before\n"
+            refuse_now = True
+            with pytest.raises(HboneConnectError) as ei:  # every connection refuses now
+                await pool.connect(key, f"127.0.0.1:{echo_port}")
+            assert ei.value.reason == "unprocessed" and "draining" in str(ei.value)
+            assert live.connection.refusing and not live.connection.closed.done()
+            await live.write(b"after\n")
+            assert await live.read() == b"after\n"
+            live.write_eof()
+            assert await live.read() == b""
+            await asyncio.wait_for(asyncio.shield(live.connection.closed), 5)
+        finally:
+            await _teardown(echo, srv, pool)
 
     run(main())

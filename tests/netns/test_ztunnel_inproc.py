@@ -13,6 +13,7 @@ and results) unless the test turns it off.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import secrets
@@ -473,6 +474,48 @@ def test_drain_refuses_new_streams_on_pooled_connections(
 
     r = _probe(env, "client-a", "server-b")
     assert _no_greeting(r), r
+
+
+def test_rolling_restart_moves_new_connections_to_the_new_ztunnel(
+    env: Env, mesh: Callable[..., Mesh]
+) -> None:
+    """A second ztunnel takes server-b over (its listeners join with SO_REUSEPORT), then the
+    old one drains.  The source's pooled HBONE connection still leads to the old one: a new
+    CONNECT on it is refused unprocessed and retried on a new connection, which reaches the
+    new ztunnel; the live connection keeps working through the old one until it ends."""
+    m = mesh()
+    client, srv = env.pods["client-a"], env.pods["server-b"]
+    old = m.nodes["node2"]
+    new = env.loop.run(start_node("node2", env.ca, env.workloads.values()))
+    drain: list[asyncio.Task[None]] = []
+
+    async def start_drain() -> None:
+        drain.append(asyncio.ensure_future(old.zt.drain(30.0)))
+        await asyncio.sleep(0)
+
+    src_id = str(env.identity("client-a"))
+    try:
+        with HeldConnection(client.netns, srv.ip, APP_PORT) as held:  # pooled, to the old one
+            assert held.echo(b"before\n") == b"before\n"
+            env.loop.run(new.zt.add_pod(srv.uid, srv.name, srv.namespace, srv.netns_path,
+                                        workload_uid=env.workloads["server-b"].uid))
+            env.loop.run(start_drain())
+            assert old.zt.draining
+            for i in range(5):
+                r = _probe(env, "client-a", "server-b", f"after the drain {i}\n".encode())
+                assert r.ok, r.error
+            served = new.series("connections_opened", reporter="destination",
+                                source_principal=src_id)
+            assert [v for _, v in served] == [5], served
+            assert held.echo(b"still here\n") == b"still here\n"  # the old one drains it
+        env.loop.run(asyncio.wait_for(asyncio.shield(drain[0]), 30))
+        opened = old.series("connections_opened", reporter="destination",
+                            source_principal=src_id)
+        assert [v for _, v in opened] == [1], opened  # only the held connection
+    finally:
+        env.loop.run(stop_node(new))
+        for t in drain:
+            env.loop.run(asyncio.wait_for(asyncio.shield(t), 60))
 
 
 # ------------------------------------------------------------------------------- 6. rotation
