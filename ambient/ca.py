@@ -10,15 +10,16 @@ Invariants: every leaf carries exactly one URI SAN (the SPIFFE ID), is not a CA,
 client and server certificate, and never outlives any certificate above it in the chain.
 The identity to put in a leaf is decided by the caller (after authenticating the requester);
 the CSR only contributes its public key, like istiod.
+
+The proxies' side (``WorkloadCertificate``, reading a CA's answer) is ``ambient.workloadcert``,
+which needs no ``cryptography``; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
 from pathlib import Path
 
 from cryptography import x509
@@ -28,6 +29,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
+from .workloadcert import (
+    DEFAULT_TTL,
+    CaError,
+    WorkloadCertificate,
+    split_pem,
+    workload_certificate_from_chain,
+)
 
 __all__ = [
     "DEFAULT_TTL",
@@ -40,7 +48,6 @@ __all__ = [
     "workload_certificate_from_chain",
 ]
 
-DEFAULT_TTL = timedelta(hours=24)  # ztunnel/istiod SECRET_TTL default
 DEFAULT_CA_VALIDITY = timedelta(days=3650)
 _BACKDATE = timedelta(minutes=1)  # tolerate small clock skew between nodes
 _MIN_RSA_BITS = 2048
@@ -50,30 +57,8 @@ CA_KEY_FILE = "ca-key.pem"
 CERT_CHAIN_FILE = "cert-chain.pem"
 ROOT_CERT_FILE = "root-cert.pem"
 
-_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
-_PEM_END = b"-----END CERTIFICATE-----"
-
-
-class CaError(Exception):
-    """The CA cannot load its keys or refuses to sign; the message says what to fix."""
-
-
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def split_pem(data: bytes | str) -> list[bytes]:
-    """Split a PEM bundle into one PEM block per certificate (order kept, other text dropped)."""
-    raw = data.encode() if isinstance(data, str) else data
-    out: list[bytes] = []
-    pos = 0
-    while (start := raw.find(_PEM_BEGIN, pos)) != -1:
-        end = raw.find(_PEM_END, start)
-        if end == -1:
-            raise CaError("a PEM certificate block has no END line; the bundle is truncated")
-        pos = end + len(_PEM_END)
-        out.append(raw[start:pos] + b"\n")
-    return out
 
 
 def _load_certs(data: bytes | str, what: str) -> list[x509.Certificate]:
@@ -85,41 +70,6 @@ def _load_certs(data: bytes | str, what: str) -> list[x509.Certificate]:
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-@dataclass(frozen=True)
-class WorkloadCertificate:
-    """A workload's key, its chain (leaf first, intermediates, no root) and the roots to trust."""
-
-    identity: SpiffeId
-    key_pem: bytes
-    chain_pem: list[bytes]
-    roots_pem: bytes
-    not_before: datetime
-    not_after: datetime
-
-    @cached_property
-    def _leaf(self) -> x509.Certificate:
-        return x509.load_pem_x509_certificate(self.chain_pem[0])
-
-    def leaf(self) -> x509.Certificate:
-        """The parsed leaf certificate."""
-        return self._leaf
-
-    @property
-    def serial_number(self) -> int:
-        return self._leaf.serial_number
-
-    def refresh_at(self) -> datetime:
-        """When to fetch a replacement: half-way through the lifetime, like ztunnel."""
-        return self.not_before + (self.not_after - self.not_before) / 2
-
-    def is_expired(self, now: datetime | None = None) -> bool:
-        return (now or _utcnow()) >= self.not_after
-
-    def to_pem_chain(self) -> bytes:
-        """Leaf plus intermediates as one PEM bundle (what a TLS stack sends to the peer)."""
-        return b"".join(self.chain_pem)
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
@@ -145,51 +95,6 @@ def make_csr(identity: SpiffeId, key: ec.EllipticCurvePrivateKey) -> bytes:
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM)
-
-
-def workload_certificate_from_chain(
-    identity: SpiffeId, key_pem: bytes, chain: Sequence[str | bytes]
-) -> WorkloadCertificate:
-    """Build a WorkloadCertificate from an IstioCertificateResponse ``cert_chain``.
-
-    The last element is the root bundle (istiod may put several roots in it); earlier elements
-    may each hold one or more certificates.  Roots repeated inside the chain are dropped.
-    """
-    if len(chain) < 2:
-        raise CaError(
-            f"certificate chain for {identity} has {len(chain)} element(s); expected the leaf "
-            "first and the root last (is the CA returning an IstioCertificateResponse?)"
-        )
-    roots_pem = b"".join(split_pem(chain[-1]))
-    if not roots_pem:
-        raise CaError(f"certificate chain for {identity}: the last element holds no root")
-    roots = set(split_pem(roots_pem))
-    blocks = [b for element in chain[:-1] for b in split_pem(element) if b not in roots]
-    if not blocks:
-        raise CaError(f"certificate chain for {identity} holds no leaf certificate")
-    leaf = _load_certs(blocks[0], f"leaf certificate for {identity}")[0]
-    _check_leaf_identity(leaf, identity)
-    return WorkloadCertificate(
-        identity=identity,
-        key_pem=key_pem,
-        chain_pem=blocks,
-        roots_pem=roots_pem,
-        not_before=leaf.not_valid_before_utc,
-        not_after=leaf.not_valid_after_utc,
-    )
-
-
-def _check_leaf_identity(leaf: x509.Certificate, identity: SpiffeId) -> None:
-    try:
-        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise CaError(f"the CA returned a certificate with no SAN for {identity}") from None
-    except (ValueError, x509.DuplicateExtension) as exc:  # extensions parse lazily
-        raise CaError(f"the CA returned a certificate for {identity} with malformed "
-                      f"extensions ({exc})") from None
-    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
-    if uris != [str(identity)]:
-        raise CaError(f"the CA returned a certificate for {uris}, but {identity} was requested")
 
 
 class CertificateAuthority:

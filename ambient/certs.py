@@ -30,28 +30,25 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
-from . import tls
+from . import tls, x509lite
 from .api.istio.v1.auth import ca_pb2
-from .ca import (
+from .grpclite import Channel, GrpcError, client_tls_context
+from .identity import SpiffeId
+from .workloadcert import (
     DEFAULT_TTL,
     CaError,
-    CertificateAuthority,
     WorkloadCertificate,
-    generate_key,
-    issued_by,
-    make_csr,
     split_pem,
     workload_certificate_from_chain,
 )
-from .grpclite import Channel, GrpcError, client_tls_context
-from .identity import SpiffeId
+
+if TYPE_CHECKING:  # the CA (and ``cryptography``) is loaded only where it signs locally
+    from .ca import CertificateAuthority
 
 __all__ = [
     "CertificateError",
@@ -209,9 +206,9 @@ class GrpcCaProvider:
         return md
 
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
-        key = generate_key()
+        key_pem, csr_pem = x509lite.new_key_and_csr(str(identity))
         request = ca_pb2.IstioCertificateRequest(
-            csr=make_csr(identity, key).decode(),
+            csr=csr_pem.decode(),
             validity_duration=int(self._ttl.total_seconds()),
         )
         if self._impersonate:
@@ -230,9 +227,6 @@ class GrpcCaProvider:
         except DecodeError as exc:
             raise CertificateError(f"the CA at {self.address} sent a response that is not an "
                                    f"IstioCertificateResponse: {exc}") from exc
-        key_pem = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
         try:
             cert = workload_certificate_from_chain(identity, key_pem, list(response.cert_chain))
         except CaError as exc:
@@ -255,22 +249,22 @@ def verify_chain(cert: WorkloadCertificate, now: datetime | None = None) -> None
     """
     now = now or utcnow()
     try:
-        chain = [x509.load_pem_x509_certificate(p) for p in cert.chain_pem]
-        roots = [x509.load_pem_x509_certificate(p) for p in split_pem(cert.roots_pem)]
-    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
+        chain = [x509lite.parse_pem(p) for p in cert.chain_pem]
+        roots = [x509lite.parse_pem(p) for p in split_pem(cert.roots_pem)]
+    except x509lite.CertificateParseError as exc:
         raise CertificateError(f"certificate chain for {cert.identity} does not parse: {exc}") \
             from exc
     for c in chain:
-        if not c.not_valid_before_utc - timedelta(minutes=5) <= now < c.not_valid_after_utc:
+        if not c.not_before - timedelta(minutes=5) <= now < c.not_after:
             raise CertificateError(
-                f"certificate {c.subject.rfc4514_string() or cert.identity} in the chain for "
-                f"{cert.identity} is not valid now (valid {c.not_valid_before_utc.isoformat()} "
-                f"to {c.not_valid_after_utc.isoformat()}); check the clocks and the CA")
+                f"certificate {c.subject or cert.identity} in the chain for {cert.identity} "
+                f"is not valid now (valid {c.not_before.isoformat()} to "
+                f"{c.not_after.isoformat()}); check the clocks and the CA")
     for child, parent in zip(chain, chain[1:], strict=False):
-        if not issued_by(child, parent):
+        if not x509lite.issued_by(child, parent):
             raise CertificateError(f"the chain for {cert.identity} is out of order: a "
                                    "certificate is not signed by the next one")
-    if not any(issued_by(chain[-1], root) for root in roots):
+    if not any(x509lite.issued_by(chain[-1], root) for root in roots):
         raise CertificateError(f"the chain for {cert.identity} does not lead to any of the "
                                f"{len(roots)} root(s) the CA sent")
 
@@ -521,12 +515,12 @@ class CertificateManager:
 
 
 def _cert_dump(pem: bytes) -> dict[str, str]:
-    cert = x509.load_pem_x509_certificate(pem)
+    cert = x509lite.parse_pem(pem)
     return {
         "pem": pem.decode(),
         "serialNumber": str(cert.serial_number),
-        "validFrom": cert.not_valid_before_utc.isoformat().replace("+00:00", "Z"),
-        "expirationTime": cert.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
+        "validFrom": cert.not_before.isoformat().replace("+00:00", "Z"),
+        "expirationTime": cert.not_after.isoformat().replace("+00:00", "Z"),
     }
 
 

@@ -22,7 +22,6 @@ from datetime import timedelta
 from typing import Any, cast
 
 from ambient import __version__
-from ambient.ca import CaError, CertificateAuthority
 from ambient.certs import (
     CertificateManager,
     CertificateProvider,
@@ -34,6 +33,7 @@ from ambient.hbone.pool import HbonePool
 from ambient.hbone.protocol import IPAddress
 from ambient.identity import SpiffeId
 from ambient.malloc import trim_periodically, tune_for_proxy
+from ambient.workloadcert import CaError
 from controlplane.objects import KINDS
 from waypoint.exchange import Exchange
 from waypoint.filters import FilterLoadError, RequestFilter, load_filters
@@ -59,7 +59,8 @@ def cert_provider(s: Settings) -> CertificateProvider:
     """FAKE_CA/CA_DIR signs locally; otherwise the mesh CA at CA_ADDRESS over gRPC, asking
     for the waypoint's own identity (no impersonation: it is not a node proxy)."""
     ttl = timedelta(seconds=s.secret_ttl_s)
-    if s.ca_dir:
+    if s.ca_dir:  # ambient.ca (with ``cryptography``, ~10 MB) is loaded only here
+        from ambient.ca import CertificateAuthority
         return LocalCaProvider(CertificateAuthority.load_dir(s.ca_dir), ttl)
     if not s.ca_address:
         raise OSError("no certificate source: set CA_ADDRESS (the mesh CA), or FAKE_CA=true "

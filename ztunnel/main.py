@@ -15,10 +15,9 @@ import resource
 import signal
 import sys
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ambient import __version__
-from ambient.ca import CaError, CertificateAuthority
 from ambient.certs import (
     CertificateManager,
     CertificateProvider,
@@ -29,6 +28,7 @@ from ambient.certs import (
 )
 from ambient.malloc import trim_periodically, tune_for_proxy
 from ambient.store import MeshStore
+from ambient.workloadcert import CaError
 from ztunnel.accesslog import configure_logging
 from ztunnel.admin import AdminServer, Readiness, ReadinessServer, StatsServer
 from ztunnel.config import Settings, SettingsError, from_env, parse_xds_address
@@ -38,6 +38,9 @@ from ztunnel.proxy import Ztunnel
 from ztunnel.result import ConnectionTracker
 from ztunnel.sockets import use_bpf_pin_dir
 from ztunnel.xds_client import XdsClient
+
+if TYPE_CHECKING:  # ambient.ca (with ``cryptography``, ~10 MB) is loaded only for CA_DIR
+    from ambient.ca import CertificateAuthority
 
 log = logging.getLogger("ztunnel")
 
@@ -72,8 +75,11 @@ def cert_provider(settings: Settings, ca: CertificateAuthority | None) -> Certif
 
 
 async def run(settings: Settings) -> int:
+    ca = None
     try:
-        ca = CertificateAuthority.load_dir(settings.ca_dir) if settings.ca_dir else None
+        if settings.ca_dir:
+            from ambient.ca import CertificateAuthority
+            ca = CertificateAuthority.load_dir(settings.ca_dir)
     except (CaError, OSError) as e:
         log.error("cannot load the CA from CA_DIR=%s: %s", settings.ca_dir, e)
         return 1

@@ -77,6 +77,20 @@ def test_config_dump_lists_workloads_policies_and_certificates(mesh: LocalMesh) 
         "backend-1", "db", "reviews-v2"}
 
 
+def test_proxies_never_load_cryptography(mesh: LocalMesh) -> None:
+    """The node proxies read certificates through the libcrypto ``ssl`` already maps
+    (ambient.x509lite); ``cryptography`` (~10 MB of RSS each) stays with the CA.  Checked after
+    traffic, so certificates were fetched and peers verified."""
+    assert demo.probe(mesh, "shop/frontend", mesh.pods["shop/backend-1"].ip, 8080).ok
+    procs = {**{f"ztunnel {n}": p for n, p in mesh.ztunnels.items()},
+             **{f"waypoint {k}": p for k, p in mesh.waypoints.items()}}
+    assert len(procs) >= 3, procs
+    for name, proc in procs.items():
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libcrypto.so" in maps, name  # the check would see a mapped library
+        assert "/cryptography/" not in maps, f"{name} mapped the cryptography package"
+
+
 def test_access_log_has_one_line_per_connection(mesh: LocalMesh) -> None:
     dst = mesh.pods["shop/backend-1"]
     log_path = mesh.log_path(dst.node)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import tempfile
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -33,14 +35,20 @@ def ca() -> CertificateAuthority:
 
 
 class Peer:
-    """Stands in for ssl.SSLObject after a handshake: only getpeercert(binary_form=True)."""
+    """Stands in for ssl.SSLObject after a verified handshake: ``getpeercert`` in both forms.
+    The dict form comes from CPython's own decoder (the one ``SSLObject.getpeercert`` uses)."""
 
-    def __init__(self, der: bytes | None) -> None:
+    def __init__(self, der: bytes | None, *, verified: bool = True) -> None:
         self.der = der
+        self.info: dict[str, Any] = {}
+        if der and verified:
+            with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:
+                f.write(ssl.DER_cert_to_PEM_cert(der))
+                f.flush()
+                self.info = ssl._ssl._test_decode_cert(f.name)  # type: ignore[attr-defined]
 
-    def getpeercert(self, binary_form: bool = False) -> bytes | None:
-        assert binary_form
-        return self.der
+    def getpeercert(self, binary_form: bool = False) -> bytes | dict[str, Any] | None:
+        return self.der if binary_form else self.info
 
 
 def _der_with_uris(*uris: str, dns: bool = False) -> bytes:
@@ -63,8 +71,7 @@ def _der_with_uris(*uris: str, dns: bool = False) -> bytes:
 
 
 def _leaf_der(ca: CertificateAuthority, who: SpiffeId) -> bytes:
-    leaf = ca.issue(who, now=NOW).leaf()
-    return leaf.public_bytes(serialization.Encoding.DER)
+    return ca.issue(who, now=NOW).leaf().der
 
 
 # -- contexts -------------------------------------------------------------------------------
@@ -107,6 +114,7 @@ def test_verify_peer_refusals(ca: CertificateAuthority) -> None:
     alice = Peer(_leaf_der(ca, ALICE))
     assert _refusal(Peer(None)) == "no-certificate"
     assert _refusal(Peer(b"")) == "no-certificate"
+    assert _refusal(Peer(_leaf_der(ca, ALICE), verified=False)) == "handshake"
     assert _refusal(alice, now=NOW + timedelta(days=2)) == "expired"
     assert _refusal(alice, now=NOW - timedelta(hours=1)) == "not-yet-valid"
     assert _refusal(alice, trust_domain="other.td") == "wrong-trust-domain"
