@@ -79,6 +79,7 @@ READ_SIZE = 256 * 1024  # TCP-side read size in relay
 _TRANSPORT_HIGH_WATER = 4 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 15.0  # server: TLS + the client's HTTP/2 preface, from the accept
 _PREFACE_LEN = 24 + 9  # client magic + one frame header (its SETTINGS)
+_CLOSE_GRACE = 1.0  # s a cancelled server connection gets to flush its GOAWAY
 
 
 class StreamResetError(HboneError, ConnectionResetError):
@@ -393,8 +394,10 @@ class Incoming:
         if self.responded:
             raise RuntimeError("this CONNECT was already answered")
         self.responded = True
+        conn = self.connection
+        conn.last_answered = max(conn.last_answered, self._stream.stream_id)
         try:
-            self.connection.proto_server.respond(self._stream.stream_id, status, headers)
+            conn.proto_server.respond(self._stream.stream_id, status, headers)
         except StreamGone as e:
             raise StreamResetError(str(e)) from None
         finally:
@@ -439,6 +442,9 @@ class HboneConnection(asyncio.Protocol):
         # Client side: the server refused a stream unprocessed (it is draining); open no
         # new stream here, let the live ones finish.
         self.refusing = False
+        # Server side: the highest CONNECT answered; a GOAWAY of ours tells the client that
+        # the streams above it were not processed (so it may send them again elsewhere).
+        self.last_answered = 0
         # Bounds on a slow or silent peer (server side; see the module docstring).
         self._handshake_deadline = handshake_deadline
         self._idle_timeout = idle_timeout or None
@@ -550,14 +556,15 @@ class HboneConnection(asyncio.Protocol):
     # -- lifecycle ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """GOAWAY and close the transport (open streams are cut off)."""
-        self.proto.close()
+        """GOAWAY and close the transport (open streams are cut off). A server's GOAWAY names
+        the last CONNECT it answered, so the client retries the ones still in flight."""
+        self.proto.close(last_stream_id=None if self.proto.client_side else self.last_answered)
         self._flush()
         if self._transport is not None:
             self._transport.close()
 
     def abort(self) -> None:
-        if self._transport is not None:
+        if self._transport is not None and not self.closed.done():
             self._transport.abort()
 
     # -- internals ------------------------------------------------------------------------
@@ -838,10 +845,12 @@ async def serve_hbone(
                                            ssl_handshake_timeout=handshake_timeout or None)
         await made[0].closed
     except asyncio.CancelledError:
-        # The transport owns the socket: abort the connection (closing the fd under a live
-        # transport would leave it serving, or break fd reuse).
+        # The transport owns the socket (closing the fd under a live transport would leave it
+        # serving, or break fd reuse): GOAWAY and close, and abort if that has not finished
+        # within a second (a peer that stopped reading).
         if made:
-            made[0].abort()
+            made[0].close()
+            loop.call_later(_CLOSE_GRACE, made[0].abort)
         else:
             sock.close()
         raise

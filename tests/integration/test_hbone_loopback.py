@@ -7,6 +7,7 @@ import hashlib
 import ipaddress
 import os
 import socket
+from typing import Any
 
 import pytest
 import uvloop
@@ -259,18 +260,17 @@ def test_serve_hbone_on_an_accepted_socket() -> None:
 
 
 def _refusing_handler(seen: Seen, refuse: int, *, goaway: bool = False):
-    """Leaves the first ``refuse`` CONNECTs unprocessed (REFUSED_STREAM, or a GOAWAY whose
-    last stream id is below them), as a draining server does; relays the rest."""
+    """Leaves the first ``refuse`` CONNECTs unprocessed (REFUSED_STREAM, or closing the
+    connection: its GOAWAY's last stream id is below them), as a draining server does; relays
+    the rest."""
     relay_ok = relay_handler(seen)
 
     async def handler(req, peer, incoming: Incoming) -> None:
         if len(seen.requests) < refuse:
             seen.requests.append(req)
-            if goaway:  # the GOAWAY goes out first; the reset after it is not sent
-                incoming.connection.proto.close(last_stream_id=req.stream_id - 1)
-            incoming.refuse()
-            if goaway:
+            if goaway:  # its GOAWAY names the last CONNECT answered: none
                 incoming.connection.close()
+            incoming.refuse()  # after the GOAWAY, no reset goes out
             return
         await relay_ok(req, peer, incoming)
 
@@ -362,3 +362,60 @@ def test_refusing_connection_keeps_its_live_streams() -> None:
             await _teardown(echo, srv, pool)
 
     run(main())
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_cancelled_server_connection_lets_the_client_retry_in_flight_connects(
+    use_uvloop: bool,
+) -> None:
+    """Cancelling ``serve_hbone`` (ztunnel's del_pod, or the end of a drain) sends a GOAWAY
+    naming the last CONNECT answered: one still waiting for its answer is sent again on a new
+    connection instead of failing."""
+    async def main() -> None:
+        seen = Seen()
+        echo, echo_port = await start_echo()
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen()
+        lsock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        arrived = asyncio.Event()
+        relay_ok = relay_handler(seen)
+
+        async def stuck(req, peer, incoming: Incoming) -> None:  # never answers
+            seen.requests.append(req)
+            arrived.set()
+            await asyncio.Event().wait()
+
+        served: list[asyncio.Future[Any]] = []
+
+        async def serve_two() -> None:  # the first connection is stuck, the second answers
+            for handler in (stuck, relay_ok):
+                sock, _ = await loop.sock_accept(lsock)
+                served.append(asyncio.ensure_future(
+                    serve_hbone(sock, server_ctx(), handler, trust_domain=TD)))
+
+        acceptor = asyncio.ensure_future(serve_two())
+
+        async def ctx_for(_ident):
+            return client_ctx(CLIENT_ID)
+
+        pool = HbonePool(dial, ctx_for, trust_domain=TD)
+        key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}), None,
+                      (LOOP, lsock.getsockname()[1]))
+        try:
+            pending = asyncio.ensure_future(pool.connect(key, f"127.0.0.1:{echo_port}"))
+            await asyncio.wait_for(arrived.wait(), 10)
+            served[0].cancel()
+            stream = await asyncio.wait_for(pending, 10)
+            assert len(seen.requests) == 2  # the stuck one, then the retry
+            assert await transfer(stream, b"retried") == b"retried"
+        finally:
+            await pool.close()
+            for t in (acceptor, *served):
+                t.cancel()
+            await asyncio.gather(acceptor, *served, return_exceptions=True)
+            lsock.close()
+            echo.close()
+
+    run(main(), use_uvloop=use_uvloop)
