@@ -32,19 +32,31 @@ from ambient.hbone.protocol import build_request_headers
 LOOP = ipaddress.IPv4Address("127.0.0.1")
 
 
+async def _ctx_for(_ident):
+    return client_ctx(CLIENT_ID)
+
+
+def _pool(port: int, dial_fn=dial, **pool_kw) -> tuple[HbonePool, PoolKey]:
+    """A client pool (CLIENT_ID) and its key for the server on 127.0.0.1:``port``."""
+    pool = HbonePool(dial_fn, _ctx_for, trust_domain=TD, **pool_kw)
+    return pool, PoolKey(CLIENT_ID, frozenset({SERVER_ID}), None, (LOOP, port))
+
+
+def _listening_socket() -> socket.socket:
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    lsock.setblocking(False)
+    return lsock
+
+
 async def _setup(status: int = 200, server_id=SERVER_ID, **pool_kw):
     seen = Seen()
     echo, echo_port = await start_echo()
     srv = await start_hbone_server(
         relay_handler(seen, status), server_ctx(server_id), trust_domain=TD, host="127.0.0.1"
     )
-    port = srv.sockets[0].getsockname()[1]
-
-    async def ctx_for(_ident):
-        return client_ctx(CLIENT_ID)
-
-    pool = HbonePool(dial, ctx_for, trust_domain=TD, **pool_kw)
-    key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}), None, (LOOP, port))
+    pool, key = _pool(srv.sockets[0].getsockname()[1], **pool_kw)
     return seen, echo, echo_port, srv, pool, key
 
 
@@ -227,11 +239,7 @@ def test_serve_hbone_on_an_accepted_socket() -> None:
     async def main() -> None:
         seen = Seen()
         echo, echo_port = await start_echo()
-        lsock = socket.socket()
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen()
-        lsock.setblocking(False)
-        port = lsock.getsockname()[1]
+        lsock = _listening_socket()
         loop = asyncio.get_running_loop()
 
         async def accept_one() -> None:
@@ -239,12 +247,7 @@ def test_serve_hbone_on_an_accepted_socket() -> None:
             await serve_hbone(sock, server_ctx(), relay_handler(seen), trust_domain=TD)
 
         server_task = asyncio.ensure_future(accept_one())
-
-        async def ctx_for(_ident):
-            return client_ctx(CLIENT_ID)
-
-        pool = HbonePool(dial, ctx_for, trust_domain=TD)
-        key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}), None, (LOOP, port))
+        pool, key = _pool(lsock.getsockname()[1])
         try:
             s = await pool.connect(key, f"127.0.0.1:{echo_port}")
             assert await transfer(s, b"via accepted socket") == b"via accepted socket"
@@ -288,12 +291,7 @@ async def _refusing_setup(refuse: int, *, goaway: bool = False):
         dials.append(await dial(dst))
         return dials[-1]
 
-    async def ctx_for(_ident):
-        return client_ctx(CLIENT_ID)
-
-    pool = HbonePool(counting_dial, ctx_for, trust_domain=TD)
-    key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}),
-                  None, (LOOP, srv.sockets[0].getsockname()[1]))
+    pool, key = _pool(srv.sockets[0].getsockname()[1], counting_dial)
     return seen, echo, echo_port, srv, pool, key, dials
 
 
@@ -337,13 +335,7 @@ def test_refusing_connection_keeps_its_live_streams() -> None:
             await relay_ok(req, peer, incoming)
 
         srv = await start_hbone_server(handler, server_ctx(), trust_domain=TD, host="127.0.0.1")
-
-        async def ctx_for(_ident):
-            return client_ctx(CLIENT_ID)
-
-        pool = HbonePool(dial, ctx_for, trust_domain=TD)
-        key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}),
-                      None, (LOOP, srv.sockets[0].getsockname()[1]))
+        pool, key = _pool(srv.sockets[0].getsockname()[1])
         try:
             live = await pool.connect(key, f"127.0.0.1:{echo_port}")
             await live.write(b"before\n")
@@ -374,10 +366,7 @@ def test_cancelled_server_connection_lets_the_client_retry_in_flight_connects(
     async def main() -> None:
         seen = Seen()
         echo, echo_port = await start_echo()
-        lsock = socket.socket()
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen()
-        lsock.setblocking(False)
+        lsock = _listening_socket()
         loop = asyncio.get_running_loop()
         arrived = asyncio.Event()
         relay_ok = relay_handler(seen)
@@ -396,13 +385,7 @@ def test_cancelled_server_connection_lets_the_client_retry_in_flight_connects(
                     serve_hbone(sock, server_ctx(), handler, trust_domain=TD)))
 
         acceptor = asyncio.ensure_future(serve_two())
-
-        async def ctx_for(_ident):
-            return client_ctx(CLIENT_ID)
-
-        pool = HbonePool(dial, ctx_for, trust_domain=TD)
-        key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}), None,
-                      (LOOP, lsock.getsockname()[1]))
+        pool, key = _pool(lsock.getsockname()[1])
         try:
             pending = asyncio.ensure_future(pool.connect(key, f"127.0.0.1:{echo_port}"))
             await asyncio.wait_for(arrived.wait(), 10)
