@@ -124,12 +124,14 @@ async def tap_events(targets: list[AdminTarget], f: TapFilter,
                      on_subscribed: Callable[[int], None] | None = None) -> int:
     """Stream until ``count`` matching events were emitted, ``duration`` passed, or every
     stream ended. Returns the number of matching events. ``on_subscribed(n)`` is called as
-    each stream confirms its subscription (n = how many have so far)."""
+    each stream confirms its subscription (n = how many have so far). Every target that
+    failed, or had not confirmed its subscription when the tap ended, is passed to ``warn``."""
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10000)
     errors: list[str] = []
     tasks = [asyncio.create_task(_read(t, queue, errors, None)) for t in targets]
     deadline = None if duration is None else time.monotonic() + duration
-    shown = subscribed = 0
+    shown = 0
+    subscribed: set[str] = set()
     reported = 0
     try:
         while count is None or shown < count:
@@ -146,9 +148,9 @@ async def tap_events(targets: list[AdminTarget], f: TapFilter,
             except TimeoutError:
                 continue
             if ev.get("event") == "subscribed":
-                subscribed += 1
+                subscribed.add(str(ev.get("node")))
                 if on_subscribed is not None:
-                    on_subscribed(subscribed)
+                    on_subscribed(len(subscribed))
                 continue
             if ev.get("event") == "dropped":
                 warn(f"tap: {ev.get('node')}: {ev.get('count')} events dropped (this reader "
@@ -161,6 +163,10 @@ async def tap_events(targets: list[AdminTarget], f: TapFilter,
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    # A target still connecting when the tap ended (count reached) is reported too.
+    failed = {e.split(":", 1)[0] for e in errors}
+    errors += [f"{t.label}: not reachable before the tap ended (no subscription confirmed)"
+               for t in targets if t.label not in subscribed and t.label not in failed]
     while reported < len(errors):
         warn(f"tap: {errors[reported]}")
         reported += 1

@@ -140,6 +140,41 @@ def test_unreachable_ztunnel_is_reported_and_others_stream() -> None:
     run(main())
 
 
+def test_target_still_connecting_when_the_tap_ends_is_reported() -> None:
+    """A ztunnel that never confirms its subscription (here: it accepts and stays silent) is
+    reported even when the tap ends first because the event count was reached."""
+    async def main() -> None:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # until the tap hangs up
+            writer.close()
+
+        stuck = await asyncio.start_server(silent, "127.0.0.1", 0)
+        tracker = ConnectionTracker()
+        srv = AdminServer(connections=tracker)
+        host, port = await srv.start("127.0.0.1", 0)
+        warnings: list[str] = []
+        ready = asyncio.Event()
+        got: list[dict[str, Any]] = []
+        task = asyncio.create_task(tap_events(
+            [AdminTarget("stuck", "127.0.0.1", stuck.sockets[0].getsockname()[1]),
+             AdminTarget("live", host, port)],
+            TapFilter(), got.append, count=1, duration=30, warn=warnings.append,
+            on_subscribed=lambda n: ready.set()))
+        try:
+            await asyncio.wait_for(ready.wait(), 10)
+            _connection(tracker, allowed=True)
+            assert await asyncio.wait_for(task, 20) == 1
+        finally:
+            await srv.close()
+            stuck.close()
+        assert [e["node"] for e in got] == ["live"]
+        assert [w for w in warnings if "stuck" in w] == [
+            "tap: stuck: not reachable before the tap ended (no subscription confirmed)"]
+        assert not [w for w in warnings if "live" in w], warnings
+
+    run(main())
+
+
 def test_slow_reader_drops_and_counts_without_blocking_the_publisher() -> None:
     async def main() -> None:
         tracker = ConnectionTracker()
