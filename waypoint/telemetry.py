@@ -18,7 +18,7 @@ protocol error). An RBAC denial is ``403`` with flag ``-`` and details
 
 Invariants: ``RequestRecord.finish`` runs once (later calls are ignored); metrics and the
 access-log line come from the same record, so they never disagree; every ``WaypointMetrics``
-has its own registry.
+has its own families (rendered by ``ambient.promtext``).
 """
 
 from __future__ import annotations
@@ -27,15 +27,11 @@ import bisect
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import HistogramMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import Collector
-
+from ambient import promtext
 from ambient.model import Service, Workload
 from ztunnel.accesslog import Bare, access_logger, emit, format_addr
 from ztunnel.metrics import CONTENT_TYPE, UNKNOWN, Family
@@ -104,8 +100,10 @@ class _HistCell:
         self.count = 0
 
 
-class Histogram(Collector):
+class Histogram:
     """A histogram family with a fixed label set; ``observe(labels, value)``."""
+
+    kind = "histogram"
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
                  buckets: Sequence[float]) -> None:
@@ -131,21 +129,19 @@ class Histogram(Collector):
         cell = self._cells.get(values)
         return cell.count if cell is not None else 0
 
-    def describe(self) -> Iterable[Metric]:
-        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
-
-    def collect(self) -> Iterable[Metric]:
-        fam = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+    def series(self) -> dict[tuple[str, ...], promtext.HistogramValue]:
+        """Each series' cumulative buckets (``+Inf`` last) and sum, for the exposition."""
         with self._lock:
             items = list(self._cells.items())
+        out: dict[tuple[str, ...], promtext.HistogramValue] = {}
         for key, cell in items:
             acc, buckets = 0, []
             for le, n in zip(self.buckets, cell.counts, strict=True):
                 acc += n
                 buckets.append((_le(le), float(acc)))
             buckets.append(("+Inf", float(cell.count)))
-            fam.add_metric(list(key), buckets, cell.sum)
-        return [fam]
+            out[key] = (buckets, cell.sum)
+        return out
 
 
 def _le(v: float) -> str:
@@ -153,10 +149,9 @@ def _le(v: float) -> str:
 
 
 class WaypointMetrics:
-    """All waypoint metrics in a private registry."""
+    """All waypoint metrics (one set per proxy)."""
 
     def __init__(self, version: str = UNKNOWN) -> None:
-        self.registry = CollectorRegistry()
         self.requests = Family("istio_requests", "Total requests handled by the waypoint",
                                "counter", HTTP_LABELS)
         self.duration = Histogram("istio_request_duration_milliseconds",
@@ -183,19 +178,18 @@ class WaypointMetrics:
         self.build = Family("istio_build", "Istio component build info", "gauge",
                             ("component", "tag"))
         self.build.labels("waypoint", version).set(1)
-        for c in (self.requests, self.duration, self.request_bytes, self.response_bytes,
-                  self.tcp_opened, self.tcp_closed, self.tcp_received, self.tcp_sent,
-                  self.build):
-            self.registry.register(c)
+        self.families: tuple[promtext.Exposable, ...] = (
+            self.requests, self.duration, self.request_bytes, self.response_bytes,
+            self.tcp_opened, self.tcp_closed, self.tcp_received, self.tcp_sent, self.build)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return promtext.render(self.families)
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
-        if not accept:
-            return self.render(), CONTENT_TYPE
-        encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+        if promtext.wants_openmetrics(accept):
+            return (promtext.render(self.families, openmetrics=True),
+                    promtext.OPENMETRICS_CONTENT_TYPE)
+        return self.render(), CONTENT_TYPE
 
 
 def _u(v: Any) -> str:

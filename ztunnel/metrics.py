@@ -8,23 +8,20 @@ counters, the 23 ``CommonTrafficLabels`` in Istio's order (plus its 4 locality
 labels), ``unknown`` for a missing value.
 
 Invariants:
-- Every ``Metrics`` owns an explicit ``CollectorRegistry``; nothing touches the global one, so
-  several proxies (and tests) in one process never share counters.
-- Series are plain cells in a dict, collected by a custom collector: an increment on the data
-  path is one attribute add on a cell looked up once per connection, and no ``_created``
-  series are emitted (upstream has none).
+- Every ``Metrics`` owns its families; nothing is global, so several proxies (and tests) in
+  one process never share counters.
+- Series are plain cells in a dict: an increment on the data path is one attribute add on a
+  cell looked up once per connection. A scrape renders them with ``ambient.promtext`` (no
+  ``prometheus_client`` in ztunnel's process); no ``_created`` series (upstream has none).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
-from prometheus_client.registry import Collector
+from ambient import promtext
 
 __all__ = [
     "COMMON_TRAFFIC_LABELS",
@@ -38,7 +35,7 @@ __all__ = [
 ]
 
 UNKNOWN = "unknown"
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+CONTENT_TYPE = promtext.TEXT_CONTENT_TYPE
 
 # Istio's CommonTrafficLabels, in upstream's declaration order (it is also the exposition order).
 COMMON_TRAFFIC_LABELS: tuple[str, ...] = (
@@ -103,7 +100,7 @@ class Cell:
         self.value = value
 
 
-class Family(Collector):
+class Family:
     """A counter or gauge family with a fixed label set; ``labels(*values)`` returns its cell."""
 
     def __init__(self, name: str, documentation: str, kind: str, labelnames: Sequence[str]):
@@ -136,26 +133,11 @@ class Family(Collector):
         with self._lock:
             return {k: c.value for k, c in self._cells.items()}
 
-    def describe(self) -> Iterable[Metric]:
-        return [self._family()]
-
-    def collect(self) -> Iterable[Metric]:
-        fam = self._family()
-        for key, value in self.series().items():
-            fam.add_metric(list(key), value)
-        return [fam]
-
-    def _family(self) -> CounterMetricFamily | GaugeMetricFamily:
-        if self.kind == "counter":
-            return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
 
 class Metrics:
-    """All ztunnel metrics, registered in ``registry`` (a new private one when ``None``)."""
+    """All ztunnel metrics (one set per proxy)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, *, version: str | None = None):
-        self.registry = registry if registry is not None else CollectorRegistry()
+    def __init__(self, *, version: str | None = None):
         self.version = version or _version()
         fams: list[Family] = []
 
@@ -238,15 +220,13 @@ class Metrics:
         ):
             f.labels()
         self.families: tuple[Family, ...] = tuple(fams)
-        for f in fams:
-            self.registry.register(f)
 
     def __iter__(self) -> Iterator[Family]:
         return iter(self.families)
 
     def render(self) -> bytes:
-        """The Prometheus text exposition (format 0.0.4) of this registry."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition (format 0.0.4) of these metrics."""
+        return promtext.render(self.families)
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """Render for a scrape with the given ``Accept`` header: (body, content type).
@@ -254,7 +234,7 @@ class Metrics:
         Without an Accept header (or one that does not ask for OpenMetrics) this is
         ``render()`` with ``CONTENT_TYPE``; a Prometheus server asking for OpenMetrics gets it.
         """
-        if not accept:
-            return self.render(), CONTENT_TYPE
-        encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+        if promtext.wants_openmetrics(accept):
+            return (promtext.render(self.families, openmetrics=True),
+                    promtext.OPENMETRICS_CONTENT_TYPE)
+        return self.render(), CONTENT_TYPE

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from ambient.model import Service, Workload
@@ -122,10 +121,8 @@ def test_text_exposition_shape():
     assert CONTENT_TYPE.startswith("text/plain; version=0.0.4")
 
 
-def test_registries_are_isolated():
-    reg = CollectorRegistry()
-    a, b = Metrics(reg), Metrics()
-    assert a.registry is reg and b.registry is not reg
+def test_metrics_are_isolated():
+    a, b = Metrics(), Metrics()
     _traffic(a)
     assert "istio_tcp_connections_opened_total{" in a.render().decode()
     assert "istio_tcp_connections_opened_total{" not in b.render().decode()
