@@ -8,6 +8,8 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
+
 from ambient.model import Workload
 from ambient.ops.tap import TapFilter, tap_events
 from ambient.ops.targets import AdminTarget, open_stream
@@ -116,39 +118,17 @@ def test_client_merges_several_ztunnels_and_filters() -> None:
     run(main())
 
 
-def test_unreachable_ztunnel_is_reported_and_others_stream() -> None:
-    async def main() -> None:
-        tracker = ConnectionTracker()
-        srv = AdminServer(connections=tracker)
-        host, port = await srv.start("127.0.0.1", 0)
-        warnings: list[str] = []
-        ready = asyncio.Event()
-        got: list[dict[str, Any]] = []
-        task = asyncio.create_task(tap_events(
-            [AdminTarget("dead", "127.0.0.1", 1), AdminTarget("live", host, port)],
-            TapFilter(), got.append, count=1, duration=30, warn=warnings.append,
-            on_subscribed=lambda n: ready.set()))
-        try:
-            await asyncio.wait_for(ready.wait(), 10)
-            _connection(tracker, allowed=True)
-            assert await asyncio.wait_for(task, 20) == 1
-        finally:
-            await srv.close()
-        assert got[0]["node"] == "live"
-        assert any("dead" in w and "not reachable" in w for w in warnings), warnings
-
-    run(main())
-
-
-def test_target_still_connecting_when_the_tap_ends_is_reported() -> None:
-    """A ztunnel that never confirms its subscription (here: it accepts and stays silent) is
-    reported even when the tap ends first because the event count was reached."""
+@pytest.mark.parametrize("other", ["dead", "stuck"])
+def test_unreachable_ztunnel_is_reported_and_others_stream(other: str) -> None:
+    """``dead`` refuses the connection; ``stuck`` accepts and never confirms its subscription,
+    so it is still connecting when the tap ends (count reached): both are reported."""
     async def main() -> None:
         async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await reader.read()  # until the tap hangs up
             writer.close()
 
         stuck = await asyncio.start_server(silent, "127.0.0.1", 0)
+        other_port = 1 if other == "dead" else stuck.sockets[0].getsockname()[1]
         tracker = ConnectionTracker()
         srv = AdminServer(connections=tracker)
         host, port = await srv.start("127.0.0.1", 0)
@@ -156,8 +136,7 @@ def test_target_still_connecting_when_the_tap_ends_is_reported() -> None:
         ready = asyncio.Event()
         got: list[dict[str, Any]] = []
         task = asyncio.create_task(tap_events(
-            [AdminTarget("stuck", "127.0.0.1", stuck.sockets[0].getsockname()[1]),
-             AdminTarget("live", host, port)],
+            [AdminTarget(other, "127.0.0.1", other_port), AdminTarget("live", host, port)],
             TapFilter(), got.append, count=1, duration=30, warn=warnings.append,
             on_subscribed=lambda n: ready.set()))
         try:
@@ -168,8 +147,11 @@ def test_target_still_connecting_when_the_tap_ends_is_reported() -> None:
             await srv.close()
             stuck.close()
         assert [e["node"] for e in got] == ["live"]
-        assert [w for w in warnings if "stuck" in w] == [
-            "tap: stuck: not reachable before the tap ended (no subscription confirmed)"]
+        mine = [w for w in warnings if w.startswith(f"tap: {other}:")]
+        assert len(mine) == 1 and "not reachable" in mine[0], warnings
+        if other == "stuck":
+            assert mine[0].endswith("not reachable before the tap ended (no subscription "
+                                    "confirmed)"), mine
         assert not [w for w in warnings if "live" in w], warnings
 
     run(main())
