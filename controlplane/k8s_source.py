@@ -419,6 +419,7 @@ class KubernetesSource:
                   _request_timeout=(_CONNECT_TIMEOUT_S, timeout + _WATCH_GRACE_S))
         status.watches += 1
         self._responses[api.kind] = resp
+        complete = False
         try:
             if self._stop.is_set():
                 return rv
@@ -431,8 +432,13 @@ class KubernetesSource:
                     status.bookmarks += 1
                     continue
                 post(_Event(api.kind, type_, obj))
+            complete = True
             return rv
         finally:
             self._responses.pop(api.kind, None)
             with contextlib.suppress(Exception):
+                if not complete:
+                    # A stream left mid-way (410, a bad line, shutdown) must not go back to
+                    # the pool: the next request on it would wait behind the old stream.
+                    resp.close()
                 resp.release_conn()
