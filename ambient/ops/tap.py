@@ -91,17 +91,17 @@ def format_event(ev: Mapping[str, Any]) -> str:
 
 
 async def _read(target: AdminTarget, out: asyncio.Queue[dict[str, Any]],
-                errors: list[str], ready: asyncio.Event | None) -> None:
+                errors: list[tuple[str, str]]) -> None:
     try:
         reader, writer = await open_stream(target, "/tap")
     except TargetError as e:
-        errors.append(f"{target.label}: {e}")
+        errors.append((target.label, str(e)))
         return
     try:
         while True:
             line = await reader.readline()
             if not line:
-                errors.append(f"{target.label}: the tap stream ended (ztunnel restarted?)")
+                errors.append((target.label, "the tap stream ended (ztunnel restarted?)"))
                 return
             if not line.strip():
                 continue  # heartbeat
@@ -111,8 +111,6 @@ async def _read(target: AdminTarget, out: asyncio.Queue[dict[str, Any]],
                 continue
             if isinstance(ev, dict):
                 ev["node"] = target.label
-                if ev.get("event") == "subscribed" and ready is not None:
-                    ready.set()
                 await out.put(ev)
     finally:
         writer.close()
@@ -127,17 +125,22 @@ async def tap_events(targets: list[AdminTarget], f: TapFilter,
     each stream confirms its subscription (n = how many have so far). Every target that
     failed, or had not confirmed its subscription when the tap ended, is passed to ``warn``."""
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10000)
-    errors: list[str] = []
-    tasks = [asyncio.create_task(_read(t, queue, errors, None)) for t in targets]
+    errors: list[tuple[str, str]] = []  # (target label, what went wrong), in order
+    tasks = [asyncio.create_task(_read(t, queue, errors)) for t in targets]
     deadline = None if duration is None else time.monotonic() + duration
     shown = 0
     subscribed: set[str] = set()
     reported = 0
+
+    def report() -> None:
+        nonlocal reported
+        for label, what in errors[reported:]:
+            warn(f"tap: {label}: {what}")
+        reported = len(errors)
+
     try:
         while count is None or shown < count:
-            while reported < len(errors):
-                warn(f"tap: {errors[reported]}")
-                reported += 1
+            report()
             if all(t.done() for t in tasks) and queue.empty():
                 break
             timeout = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
@@ -164,12 +167,10 @@ async def tap_events(targets: list[AdminTarget], f: TapFilter,
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     # A target still connecting when the tap ended (count reached) is reported too.
-    failed = {e.split(":", 1)[0] for e in errors}
-    errors += [f"{t.label}: not reachable before the tap ended (no subscription confirmed)"
+    failed = {label for label, _ in errors}
+    errors += [(t.label, "not reachable before the tap ended (no subscription confirmed)")
                for t in targets if t.label not in subscribed and t.label not in failed]
-    while reported < len(errors):
-        warn(f"tap: {errors[reported]}")
-        reported += 1
+    report()
     return shown
 
 

@@ -129,6 +129,7 @@ def test_unreachable_ztunnel_is_reported_and_others_stream(other: str) -> None:
 
         stuck = await asyncio.start_server(silent, "127.0.0.1", 0)
         other_port = 1 if other == "dead" else stuck.sockets[0].getsockname()[1]
+        label = f"127.0.0.1:{other_port}"  # unnamed targets are labelled host:port
         tracker = ConnectionTracker()
         srv = AdminServer(connections=tracker)
         host, port = await srv.start("127.0.0.1", 0)
@@ -136,7 +137,7 @@ def test_unreachable_ztunnel_is_reported_and_others_stream(other: str) -> None:
         ready = asyncio.Event()
         got: list[dict[str, Any]] = []
         task = asyncio.create_task(tap_events(
-            [AdminTarget(other, "127.0.0.1", other_port), AdminTarget("live", host, port)],
+            [AdminTarget(label, "127.0.0.1", other_port), AdminTarget("live", host, port)],
             TapFilter(), got.append, count=1, duration=30, warn=warnings.append,
             on_subscribed=lambda n: ready.set()))
         try:
@@ -147,7 +148,7 @@ def test_unreachable_ztunnel_is_reported_and_others_stream(other: str) -> None:
             await srv.close()
             stuck.close()
         assert [e["node"] for e in got] == ["live"]
-        mine = [w for w in warnings if w.startswith(f"tap: {other}:")]
+        mine = [w for w in warnings if w.startswith(f"tap: {label}:")]
         assert len(mine) == 1 and "not reachable" in mine[0], warnings
         if other == "stuck":
             assert mine[0].endswith("not reachable before the tap ended (no subscription "
