@@ -168,15 +168,16 @@ class HbonePool:
         conns = self._conns.get(key)
         if not conns:
             return None
-        # Dead ones are evicted; refusing ones stay listed (pool.close ends them) unpicked.
-        alive = [c for c in conns if c.is_usable or (c.refusing and not c.closed.done())]
+        # Closed ones are evicted; one that only stopped taking streams (refusing, GOAWAY)
+        # stays listed until it closes, so pool.close still ends it.
+        alive = [c for c in conns if not c.closed.done()]
         if len(alive) != len(conns):
             self._conns[key] = alive
             for dead in set(conns) - set(alive):
                 self._drop_timer(dead)
         for c in alive:
             limit = min(self.max_streams, c.proto.peer_max_concurrent_streams)
-            if c.active_streams < limit and not c.refusing:
+            if c.is_usable and c.active_streams < limit:
                 return c
         return None
 
