@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, TypeAlias, cast
 
 __all__ = ["OPENMETRICS_CONTENT_TYPE", "TEXT_CONTENT_TYPE", "Exposable", "HistogramValue",
-           "go_float", "render", "wants_openmetrics"]
+           "exposition", "go_float", "render", "wants_openmetrics"]
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -120,3 +120,10 @@ def wants_openmetrics(accept: str | None) -> bool:
         if version.split(".")[0] == "1" or not version:
             return True
     return False
+
+
+def exposition(families: Iterable[Exposable], accept: str | None) -> tuple[bytes, str]:
+    """What a scrape with this ``Accept`` header gets: (body, content type)."""
+    if wants_openmetrics(accept):
+        return render(families, openmetrics=True), OPENMETRICS_CONTENT_TYPE
+    return render(families), TEXT_CONTENT_TYPE

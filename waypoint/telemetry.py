@@ -34,7 +34,7 @@ from typing import Any
 from ambient import promtext
 from ambient.model import Service, Workload
 from ztunnel.accesslog import Bare, access_logger, emit, format_addr
-from ztunnel.metrics import CONTENT_TYPE, UNKNOWN, Family
+from ztunnel.metrics import UNKNOWN, Family
 
 __all__ = [
     "BYTES_BUCKETS",
@@ -186,10 +186,7 @@ class WaypointMetrics:
         return promtext.render(self.families)
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
-        if promtext.wants_openmetrics(accept):
-            return (promtext.render(self.families, openmetrics=True),
-                    promtext.OPENMETRICS_CONTENT_TYPE)
-        return self.render(), CONTENT_TYPE
+        return promtext.exposition(self.families, accept)
 
 
 def _u(v: Any) -> str:

@@ -234,7 +234,4 @@ class Metrics:
         Without an Accept header (or one that does not ask for OpenMetrics) this is
         ``render()`` with ``CONTENT_TYPE``; a Prometheus server asking for OpenMetrics gets it.
         """
-        if promtext.wants_openmetrics(accept):
-            return (promtext.render(self.families, openmetrics=True),
-                    promtext.OPENMETRICS_CONTENT_TYPE)
-        return self.render(), CONTENT_TYPE
+        return promtext.exposition(self.families, accept)

@@ -11,7 +11,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.openmetrics.exposition import generate_latest as om_generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ambient.promtext import go_float, render, wants_openmetrics
+from ambient.promtext import (
+    OPENMETRICS_CONTENT_TYPE,
+    TEXT_CONTENT_TYPE,
+    exposition,
+    go_float,
+    render,
+    wants_openmetrics,
+)
 
 
 class Fam:
@@ -135,3 +142,10 @@ def test_histograms_byte_identical_to_prometheus_client(openmetrics: bool) -> No
                 {("200", "web"): ([("0.5", 0.0), ("1", 2.0), ("5", 3.0), ("+Inf", 4.0)], 7.25),
                  ("503", 'q"x'): ([("0.5", 1.0), ("1", 1.0), ("5", 1.0), ("+Inf", 1.0)], 0.1)})
     assert render([hist], openmetrics=openmetrics) == _hist_oracle([hist], openmetrics=openmetrics)
+
+
+def test_exposition_negotiates_the_format() -> None:
+    body, ctype = exposition(FAMILIES, "application/openmetrics-text;version=1.0.0")
+    assert ctype == OPENMETRICS_CONTENT_TYPE and body == render(FAMILIES, openmetrics=True)
+    body, ctype = exposition(FAMILIES, None)
+    assert ctype == TEXT_CONTENT_TYPE and body == render(FAMILIES)
