@@ -44,6 +44,21 @@ def upstream_connects(w) -> int:  # type: ignore[no-untyped-def]
     return sum(1 for authority, _ in w.connects if authority == V1)
 
 
+async def concurrent_slow(w, n: int, tag: str) -> list[H1]:  # type: ignore[no-untyped-def]
+    """``n`` downstream clients, each with one request held upstream until all ``n`` are
+    there (so each needs its own upstream connection); all must answer 200."""
+    clients = [H1(await w.tunnel(VIP)) for _ in range(n)]
+    hits = w.hits["reviews-v1"]
+    hits.release.clear()
+    reqs = [asyncio.ensure_future(c.request("GET", f"/slow/{tag}{i}"))
+            for i, c in enumerate(clients)]
+    await until(lambda: sum(v for k, v in hits.by_path.items()
+                            if k.startswith(f"/slow/{tag}")) == n, f"{n} requests upstream")
+    hits.release.set()
+    assert [r.status for r in await asyncio.gather(*reqs)] == [200] * n
+    return clients
+
+
 def test_reused_across_requests_and_downstream_clients_with_per_request_telemetry() -> None:
     async def main() -> None:
         async with world() as w:
@@ -71,14 +86,7 @@ def test_reused_across_requests_and_downstream_clients_with_per_request_telemetr
 def test_concurrent_requests_use_separate_connections_then_all_pooled() -> None:
     async def main() -> None:
         async with world() as w:
-            clients = [H1(await w.tunnel(VIP)) for _ in range(3)]
-            w.hits["reviews-v1"].release.clear()
-            reqs = [asyncio.ensure_future(c.request("GET", f"/slow/{i}"))
-                    for i, c in enumerate(clients)]
-            await until(lambda: sum(v for k, v in w.hits["reviews-v1"].by_path.items()
-                                    if k.startswith("/slow/")) == 3, "3 requests upstream")
-            w.hits["reviews-v1"].release.set()
-            assert [r.status for r in await asyncio.gather(*reqs)] == [200] * 3
+            clients = await concurrent_slow(w, 3, "a")
             up = w.wp.upstreams
             assert up.h1_opened == 3 and up.idle_connections == 3
             for c in clients:  # sequential now: the pooled ones serve everything
@@ -93,14 +101,7 @@ def test_pool_is_bounded_per_endpoint() -> None:
         async with world() as w:
             up = w.wp.upstreams
             up.max_idle = 2
-            clients = [H1(await w.tunnel(VIP)) for _ in range(4)]
-            w.hits["reviews-v1"].release.clear()
-            reqs = [asyncio.ensure_future(c.request("GET", f"/slow/b{i}"))
-                    for i, c in enumerate(clients)]
-            await until(lambda: sum(v for k, v in w.hits["reviews-v1"].by_path.items()
-                                    if k.startswith("/slow/b")) == 4, "4 requests upstream")
-            w.hits["reviews-v1"].release.set()
-            assert [r.status for r in await asyncio.gather(*reqs)] == [200] * 4
+            await concurrent_slow(w, 4, "b")
             assert up.h1_opened == 4 and up.idle_connections == 2
 
     run(main())
