@@ -6,9 +6,10 @@ loop's watchers clean."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -50,6 +51,23 @@ async def _dial_again(loop: asyncio.AbstractEventLoop) -> None:
         other.close()
 
 
+@contextlib.contextmanager
+def _silent_listener() -> Iterator[tuple[str, int]]:
+    """An address whose SYNs go unanswered: a listener never accepting, its queue filled."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    fillers = [_client() for _ in range(3)]
+    try:
+        for f in fillers:
+            f.connect_ex(srv.getsockname())
+        yield srv.getsockname()
+    finally:
+        for f in fillers:
+            f.close()
+        srv.close()
+
+
 def test_connects_and_the_socket_carries_bytes(loop_factory: LoopFactory) -> None:
     async def main() -> None:
         srv = socket.create_server(("127.0.0.1", 0))
@@ -88,49 +106,31 @@ def test_refused_raises_connection_refused(loop_factory: LoopFactory) -> None:
 
 def test_no_answer_raises_timeout_and_the_fd_is_reusable(loop_factory: LoopFactory) -> None:
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        srv = socket.socket()
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(0)  # never accepted: once the queue is full, SYNs are dropped
-        fillers = [_client() for _ in range(3)]
         s = _client()
         try:
-            for f in fillers:
-                f.connect_ex(srv.getsockname())
-            with pytest.raises(TimeoutError):
-                await connect(s, srv.getsockname(), 0.3)
+            with _silent_listener() as addr, pytest.raises(TimeoutError):
+                await connect(s, addr, 0.3)
             s.close()
-            await _dial_again(loop)
+            await _dial_again(asyncio.get_running_loop())
         finally:
             s.close()
-            for f in fillers:
-                f.close()
-            srv.close()
 
     _run(loop_factory, main)
 
 
 def test_cancelled_dial_removes_its_watch(loop_factory: LoopFactory) -> None:
     async def main() -> None:
-        srv = socket.socket()
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(0)
-        fillers = [_client() for _ in range(3)]
         s = _client()
         try:
-            for f in fillers:
-                f.connect_ex(srv.getsockname())
-            task = asyncio.ensure_future(connect(s, srv.getsockname(), 30.0))
-            await asyncio.sleep(0.05)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            with _silent_listener() as addr:
+                task = asyncio.ensure_future(connect(s, addr, 30.0))
+                await asyncio.sleep(0.05)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
             s.close()
             await _dial_again(asyncio.get_running_loop())
         finally:
             s.close()
-            for f in fillers:
-                f.close()
-            srv.close()
 
     _run(loop_factory, main)
