@@ -53,6 +53,7 @@ log = logging.getLogger("ambient.splicemap")
 SPLICE_MAP = "amb_splice"  # membership; the verdict program is attached here
 PEER_MAP = "amb_splice_peer"  # redirect targets
 VERDICT_PROG = "amb_splice_v"
+DEFAULT_MAX_ENTRIES = 65536  # sockets the maps hold: two per spliced connection
 MAP_TYPE_SOCKHASH = 18
 SK_SKB_STREAM_VERDICT = 5  # enum bpf_attach_type
 SO_COOKIE = 57

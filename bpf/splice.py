@@ -24,6 +24,7 @@ from typing import Any
 
 from ambient.bpfmap import obj_get, obj_pin, prog_info, prog_info_by_id
 from ambient.splicemap import (
+    DEFAULT_MAX_ENTRIES,
     PEER_MAP,
     SK_SKB_STREAM_VERDICT,
     SPLICE_MAP,
@@ -34,7 +35,6 @@ from ambient.splicemap import (
 from bpf import kernel_src, loader
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splice.c")
-DEFAULT_MAX_ENTRIES = 65536  # sockets: two per spliced connection
 PROG_SK_SKB = 14
 PINS = (PEER_MAP, SPLICE_MAP)
 

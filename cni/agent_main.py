@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ambient.bpfmap import PIN_DIR
+from ambient.splicemap import DEFAULT_MAX_ENTRIES
 from cni.agent import AgentConfig, Annotate, NodeAgent, load_checkpoint
 from cni.capture import default_backend_name, make_backend
 from cni.capture.base import BACKENDS, CaptureBackend, CaptureError
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="load the eBPF sockmap that lets ztunnel splice same-node "
                         "connections in the kernel (any capture backend)")
     p.add_argument("--kernel-splice-entries", type=int,
-                   default=int(env.get("KERNEL_SPLICE_ENTRIES", "65536")),
+                   default=int(env.get("KERNEL_SPLICE_ENTRIES", DEFAULT_MAX_ENTRIES)),
                    help="sockets the kernel splice holds at once (two per connection)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--manifests", default=env.get("LOCAL_MANIFESTS_PATH", ""),
